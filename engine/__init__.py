@@ -1,0 +1,1 @@
+"""Sampling engine: schedulers, the PixelDance pipeline, media I/O and the `pdengine` CLI."""

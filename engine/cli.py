@@ -1,0 +1,126 @@
+"""`pdengine` command line: thin click wrappers over plain functions.
+
+Keep this module free of heavy imports (torch, diffusers): `pdengine --help` must stay instant.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="pixeldance-engine")
+def main() -> None:
+    """PixelDance video diffusion engine: sample, train and profile."""
+
+
+def _fail(err: Exception) -> None:
+    raise click.ClickException(str(err)) from None
+
+
+def _quiet_libraries() -> None:
+    """Silence diffusers/transformers per-file loading bars and advice; the command reports itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("prompt", nargs=-1)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="A .txt (one prompt a line) or .jsonl (prompt/first_frame/last_frame/seed) file.")
+@click.option("--model", default="tiny-random",
+              help="PixelDance model folder, or 'tiny-random' (random weights: makes noise).")
+@click.option("--first-frame", type=click.Path(dir_okay=False), help="First-frame instruction image.")
+@click.option("--last-frame", type=click.Path(dir_okay=False), help="Last-frame instruction image.")
+@click.option("--frames", default=16, help="Frames per clip.")
+@click.option("--size", default=256, help="Square size in pixels (multiple of 8).")
+@click.option("--height", type=int, help="Height in pixels (overrides --size).")
+@click.option("--width", type=int, help="Width in pixels (overrides --size).")
+@click.option("--steps", default=50, help="Denoising steps.")
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim")
+@click.option("--eta", default=0.0, help="DDIM eta (0: deterministic).")
+@click.option("--guidance", default=7.5, help="Classifier-free guidance scale on the text (<= 1: off).")
+@click.option("--tau", type=int, help="Steps that use the last-frame instruction  [default: steps // 2]")
+@click.option("--seed", default=0, help="Base seed; video i uses seed + i unless its line sets one.")
+@click.option("--batch-size", default=1, help="Videos sampled together.")
+@click.option("--clips", default=1, help="Clips chained per video (last frame -> next first frame).")
+@click.option("--fps", default=4.0, help="Frame rate of the written video.")
+@click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), default="mp4")
+@click.option("--out", "out_dir", default="outputs", type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--device", help="cpu, cuda, cuda:1 ...  [default: cuda if available]")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="[default: bf16 on CUDA, fp32 on CPU]")
+@click.option("--t2i-model", type=click.Path(file_okay=False),
+              help="Stable Diffusion folder that makes the first frame from the text when none is given.")
+def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size, height, width, steps,
+             sampler, eta, guidance, tau, seed, batch_size, clips, fps, fmt, out_dir, device, dtype,
+             t2i_model):
+    """Sample PixelDance videos from text + first frame (+ optional last frame)."""
+    from pathlib import Path
+
+    from .generate import GenerateError, GenerateJob, run_generate
+    from .media import MediaError
+    from .pipeline import ModelFolderError, SampleSettings
+    from .prompts import PromptFileError, PromptSpec, read_prompts
+
+    _quiet_libraries()
+    try:
+        specs = [PromptSpec(p) for p in prompt]
+        if prompts_file:
+            specs += read_prompts(prompts_file)
+        for spec in specs:
+            spec.first_frame = spec.first_frame or first_frame
+            spec.last_frame = spec.last_frame or last_frame
+        settings = SampleSettings(num_frames=frames, height=height or size, width=width or size, steps=steps,
+                                  sampler=sampler, eta=eta, guidance=guidance, tau=tau)
+        job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,
+                          batch_size=batch_size, clips=clips, fps=fps, fmt=fmt, device=device, dtype=dtype,
+                          t2i_model=t2i_model)
+        records = run_generate(job)
+    except (GenerateError, PromptFileError, MediaError, ModelFolderError) as e:
+        _fail(e)
+    click.echo(f"{len(records)} video(s) in {out_dir} (manifest: {Path(out_dir) / 'manifest.jsonl'})")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--from", "source", type=click.Choice(["modelscope", "pixeldance"]), required=True,
+              help="Layout of SRC.")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "dst", required=True, type=click.Path(file_okay=False), help="New PixelDance folder.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def convert(source, src, dst, overwrite):
+    """Turn a diffusers text-to-video (ModelScope) folder into a PixelDance folder (conv_in expanded with
+    zero channels for c_image, so it starts out computing what the original did)."""
+    from .convert import convert_model
+    from .pipeline import ModelFolderError
+
+    _quiet_libraries()
+    try:
+        out = convert_model(src, dst, source=source, overwrite=overwrite)
+    except (ModelFolderError, FileExistsError, ValueError) as e:
+        _fail(e)
+    click.echo(f"wrote {out}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def info(as_json):
+    """Versions, devices, available backends and preset sizes."""
+    import json
+
+    from .info import collect_info, format_info
+
+    data = collect_info()
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""`pdengine generate` as a plain function: check every input, load the model once, sample in
+micro-batches, write each video as soon as its batch is done (temp name, then rename) and append one
+manifest line per video."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .pipeline import SampleSettings, check_model_folder
+from .prompts import PromptSpec, assign_seeds
+
+FORMATS = ("mp4", "gif", "png")
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+BUILTIN_MODELS = ("tiny-random",)
+
+
+class GenerateError(ValueError):
+    """Bad input to `generate`, found before any model is loaded."""
+
+
+@dataclass
+class GenerateJob:
+    specs: list[PromptSpec]
+    model: str
+    out_dir: Path
+    settings: SampleSettings = field(default_factory=SampleSettings)
+    seed: int = 0
+    batch_size: int = 1
+    clips: int = 1
+    fps: float = 4.0
+    fmt: str = "mp4"
+    device: str | None = None
+    dtype: str | None = None
+    t2i_model: str | None = None
+    backend: str = "torch"
+
+
+def resolve_model(name: str) -> Path:
+    """A model folder path, or a built-in name (`tiny-random`, built on first use)."""
+    if name == "tiny-random":
+        from .tiny import ensure_tiny_random
+
+        return ensure_tiny_random()
+    return Path(name).expanduser()
+
+
+def _vae_scale_factor(model_dir: Path) -> int:
+    cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    return 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "video"
+
+
+def validate_job(job: GenerateJob) -> None:
+    """Every check that needs no model weights: runs before anything heavy is loaded."""
+    from .media import MediaError, check_image
+
+    if not job.specs:
+        raise GenerateError("no prompts given: pass PROMPT arguments or --prompts FILE")
+    for spec in job.specs:
+        if not spec.prompt.strip():
+            where = f" (line {spec.line})" if spec.line else ""
+            raise GenerateError(f"empty prompt{where}")
+    if job.batch_size < 1:
+        raise GenerateError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.clips < 1:
+        raise GenerateError(f"--clips must be >= 1, got {job.clips}")
+    if job.fmt not in FORMATS:
+        raise GenerateError(f"--format must be one of {FORMATS}, got {job.fmt!r}")
+    if job.fps <= 0:
+        raise GenerateError(f"--fps must be > 0, got {job.fps}")
+    if job.dtype is not None and job.dtype not in DTYPES:
+        raise GenerateError(f"--dtype must be one of {sorted(DTYPES)}, got {job.dtype!r}")
+    if job.seed < 0:
+        raise GenerateError(f"--seed must be >= 0, got {job.seed}")
+    if job.model not in BUILTIN_MODELS:
+        check_model_folder(job.model)
+        scale = _vae_scale_factor(Path(job.model))
+    else:
+        scale = 8
+    try:
+        job.settings.validate(scale)
+    except ValueError as e:
+        raise GenerateError(str(e)) from None
+    for spec in job.specs:
+        for kind in ("first_frame", "last_frame"):
+            path = getattr(spec, kind)
+            if path is not None:
+                try:
+                    check_image(path)
+                except MediaError as e:
+                    where = f"line {spec.line}: " if spec.line else ""
+                    raise GenerateError(f"{where}--{kind.replace('_', '-')}: {e}") from None
+    if job.t2i_model is not None and not (Path(job.t2i_model) / "model_index.json").is_file():
+        raise GenerateError(f"--t2i-model {job.t2i_model}: not a diffusers model folder (no model_index.json)")
+    out = Path(job.out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".pdengine-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise GenerateError(f"--out {out} is not writable: {e}") from None
+
+
+def _torch_dtype(name: str | None, device: str):
+    import torch
+
+    if name is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def _pick_device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Sample every prompt of the job; returns the manifest records written."""
+    import torch
+    from tqdm import tqdm
+
+    from .media import frames_to_uint8, load_image, write_video
+    from .pipeline import PixelDancePipeline
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    validate_job(job)
+    device = _pick_device(job.device)
+    dtype = _torch_dtype(job.dtype, device)
+    model_dir = resolve_model(job.model)
+    index = check_model_folder(model_dir)
+    if index.get("_random_weights") or job.model == "tiny-random":
+        log(f"note: {job.model} has RANDOM weights: the videos it makes are noise (a smoke test of the engine)")
+    pipe = PixelDancePipeline.from_pretrained(model_dir, device=device, dtype=dtype, backend=job.backend)
+    settings = job.settings
+    h, w = settings.height, settings.width
+
+    missing_first = [s for s in job.specs if s.first_frame is None]
+    if missing_first and job.t2i_model is None:
+        log(f"warning: {len(missing_first)} prompt(s) without --first-frame: PixelDance models expect a "
+            "first-frame instruction; its slot in c_image is zeros (use --t2i-model DIR to make one from the text)")
+    t2i = _load_t2i(job.t2i_model, device, dtype) if (missing_first and job.t2i_model) else None
+
+    seeds = assign_seeds(job.specs, job.seed)
+    out = Path(job.out_dir)
+    manifest = out / "manifest.jsonl"
+    ext = "" if job.fmt == "png" else f".{job.fmt}"
+    records: list[dict] = []
+    total_steps = len(job.specs) * settings.steps * job.clips
+    noted_sizes: set[str] = set()
+
+    def image(path: str | None) -> torch.Tensor | None:
+        if path is None:
+            return None
+        from PIL import Image
+
+        with Image.open(path) as im:
+            size = im.size
+        if size != (w, h) and path not in noted_sizes:
+            noted_sizes.add(path)
+            log(f"note: {path} is {size[0]}x{size[1]}; resized and centre-cropped to {w}x{h}")
+        return load_image(path, h, w)
+
+    start_all = time.perf_counter()
+    done = 0
+    with tqdm(total=total_steps, unit="step", desc="sampling", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        for b0 in range(0, len(job.specs), job.batch_size):
+            batch = job.specs[b0:b0 + job.batch_size]
+            batch_seeds = seeds[b0:b0 + job.batch_size]
+            t0 = time.perf_counter()
+            firsts = [image(s.first_frame) for s in batch]
+            if t2i is not None:
+                firsts = [x if x is not None else _t2i_image(t2i, s.prompt, seed, h, w)
+                          for x, s, seed in zip(firsts, batch, batch_seeds)]
+            lasts = [image(s.last_frame) for s in batch]
+            videos = pipe.generate([s.prompt for s in batch], firsts, lasts, batch_seeds, settings,
+                                   clips=job.clips, on_step=lambda i: bar.update(1))
+            seconds = (time.perf_counter() - t0) / len(batch)
+            for j, (spec, seed) in enumerate(zip(batch, batch_seeds)):
+                idx = b0 + j
+                path = out / f"{idx:05d}_{slugify(spec.prompt)}{ext}"
+                write_video(frames_to_uint8(videos[j].permute(1, 0, 2, 3)), path, job.fmt, job.fps)
+                record = {
+                    "index": idx, "file": path.name, "prompt": spec.prompt, "seed": seed,
+                    "first_frame": spec.first_frame, "last_frame": spec.last_frame,
+                    "frames": int(videos.shape[2]), "height": h, "width": w, "clips": job.clips,
+                    **{k: v for k, v in asdict(settings).items() if k not in ("height", "width", "num_frames")},
+                    "frames_per_clip": settings.num_frames, "tau": settings.resolved_tau(),
+                    "fps": job.fps, "format": job.fmt, "model": str(job.model), "device": device,
+                    "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3),
+                }
+                with manifest.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                records.append(record)
+            done += len(batch)
+            rate = done / (time.perf_counter() - start_all)
+            bar.set_postfix(videos=f"{done}/{len(job.specs)}", vps=f"{rate:.3f}")
+            log(f"[{done}/{len(job.specs)}] wrote {', '.join(r['file'] for r in records[-len(batch):])} "
+                f"({rate:.3f} videos/s)")
+    return records
+
+
+def _load_t2i(path: str, device: str, dtype):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _t2i_image(t2i, prompt: str, seed: int, height: int, width: int):
+    """The first frame made from the prompt by a text-to-image model (the paper uses SD 2.1)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(int(seed))
+    img = t2i(prompt, height=height, width=width, generator=gen, output_type="pt").images[0]
+    return img.float().cpu() * 2 - 1

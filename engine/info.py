@@ -1,0 +1,190 @@
+"""Environment report for `pdengine info`: versions, CUDA/NVML devices, attention backends, presets.
+
+Everything is gathered when `collect_info()` is called, never at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import math
+import platform
+import sys
+from typing import Any
+
+# Distribution names (as pip knows them), in report order.
+_DISTRIBUTIONS = (
+    "torch",
+    "triton",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "av",
+    "pixeldance-engine",
+)
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _nvml_devices() -> tuple[list[dict[str, Any]], str | None]:
+    """Devices seen by the NVIDIA driver, and the reason when NVML cannot be used (else None)."""
+    try:
+        import pynvml
+    except ImportError as e:
+        return [], f"nvidia-ml-py not installed ({e})"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:  # no driver / no libnvidia-ml: the reason is reported, not hidden
+        return [], str(e)
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        devices = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            devices.append(
+                {
+                    "index": i,
+                    # older nvidia-ml-py releases return bytes
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "memory_gib": pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**30,
+                    "driver": driver.decode() if isinstance(driver, bytes) else driver,
+                }
+            )
+    finally:
+        pynvml.nvmlShutdown()
+    return devices, None
+
+
+def _backends(cuda_available: bool) -> dict[str, Any]:
+    import torch
+
+    try:
+        import triton  # noqa: F401
+
+        triton_state = {"importable": True, "cuda_device": cuda_available, "error": None}
+    except ImportError as e:
+        triton_state = {"importable": False, "cuda_device": cuda_available, "error": str(e)}
+
+    if importlib.util.find_spec("flash_attn") is None:
+        flash = "not installed"
+    else:
+        # Installed but broken (e.g. built for another torch/CUDA): say why rather than "missing".
+        try:
+            flash = importlib.import_module("flash_attn").__version__
+        except ImportError as e:
+            flash = f"import failed: {e}"
+    return {
+        "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),
+        "triton": triton_state,
+        "flash_attn": flash,
+    }
+
+
+def _presets() -> dict[str, int | str] | str:
+    """Parameter count per preset; a string with the reason when the model package is unusable."""
+    try:
+        from pdengine.model import PRESETS, count_parameters
+    except ImportError as e:
+        return f"unavailable: {e}"
+    counts: dict[str, int | str] = {}
+    for name in PRESETS:
+        try:
+            counts[name] = count_parameters(name)
+        except Exception as e:  # one broken preset should not hide the rest; the error is shown
+            counts[name] = f"error: {type(e).__name__}: {e}"
+    return counts
+
+
+def collect_info() -> dict[str, Any]:
+    """Gather the environment report as a plain (JSON-serialisable) dict."""
+    import torch
+
+    cuda_available = torch.cuda.is_available()
+    devices, nvml_reason = _nvml_devices()
+    return {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "versions": {name: _dist_version(name) for name in _DISTRIBUTIONS},
+        "cuda": {"available": cuda_available, "torch_cuda": torch.version.cuda},
+        "devices": devices,
+        "nvml": nvml_reason,
+        "backends": _backends(cuda_available),
+        "presets": _presets(),
+    }
+
+
+def format_count(n: int) -> str:
+    """Human parameter count with three significant digits: 1.41 B, 45.2 M, 8.19 K, 512."""
+    rounded = float(f"{n:.3g}")  # round first, so 999_960_000 reads "1.00 B", not "1000 M"
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(rounded) >= scale:
+            value = rounded / scale
+            digits = max(0, 2 - math.floor(math.log10(abs(value))))
+            return f"{value:.{digits}f} {unit}"
+    return str(n)
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """Render `collect_info()`'s dict as a sectioned report of aligned `key: value` lines."""
+    sections: list[tuple[str, list[tuple[str, str]]]] = [
+        (
+            "pdengine environment",
+            [("python", info["python"]), ("executable", info["executable"]), ("platform", info["platform"])],
+        ),
+        ("versions", [(k, v if v is not None else "not installed") for k, v in info["versions"].items()]),
+    ]
+    cuda = info["cuda"]
+    sections.append(
+        (
+            "cuda",
+            [
+                ("available", "yes" if cuda["available"] else "no"),
+                ("torch.version.cuda", str(cuda["torch_cuda"])),
+            ],
+        )
+    )
+    if info["devices"]:
+        rows = [
+            (f"[{d['index']}]", f"{d['name']}, {d['memory_gib']:.1f} GiB, driver {d['driver']}")
+            for d in info["devices"]
+        ]
+    else:
+        rows = [("none", f"NVML: {info['nvml']}" if info["nvml"] else "no NVIDIA device")]
+    sections.append(("devices (NVML)", rows))
+
+    b = info["backends"]
+    tri = b["triton"]
+    if tri["importable"]:
+        tri_text = "importable, " + (
+            "CUDA device present" if tri["cuda_device"] else "no CUDA device to run on"
+        )
+    else:
+        tri_text = f"not importable ({tri['error']})"
+    sections.append(
+        (
+            "attention backends",
+            [("sdpa", "yes" if b["sdpa"] else "no"), ("triton", tri_text), ("flash_attn", b["flash_attn"])],
+        )
+    )
+    presets = info["presets"]
+    if isinstance(presets, str):
+        rows = [("presets", presets)]
+    else:
+        rows = [(name, format_count(n) if isinstance(n, int) else n) for name, n in presets.items()]
+    sections.append(("presets (parameters)", rows))
+
+    width = max(len(k) for _, rows in sections for k, _ in rows) + 1  # +1 for the colon
+    out = []
+    for title, rows in sections:
+        out.append(title)
+        out += [f"  {k + ':':<{width}} {v}" for k, v in rows]
+    return "\n".join(out)

@@ -1,0 +1,282 @@
+"""Building blocks of the PixelDance UNet, in plain PyTorch.
+
+Parameter names follow diffusers' `UNet3DConditionModel` (ModelScope text-to-video) exactly, so its
+checkpoints load key for key; the forward code is this project's own and works on the (B*F, C, H, W)
+layout the whole UNet uses, reshaping to frames only where a temporal layer needs it.
+
+Temporal layers take `num_frames` and are never called for images (F = 1): the UNet skips them, as the
+paper does for joint image-video training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim) fp32, cosine half first (flip_sin_to_cos,
+    frequency shift 0: the SD / ModelScope convention)."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps[:, None].float() * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+
+    def __init__(self, in_dim: int, embed_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, embed_dim)
+        self.linear_2 = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def video_group_norm(
+    x: torch.Tensor, num_frames: int, norm: nn.GroupNorm
+) -> torch.Tensor:
+    """GroupNorm whose statistics span channels-of-group x frames x pixels of each video.
+
+    x: (B*F, C, H, W). Equivalent to `norm` applied to the (B, C, F, H, W) video, but computed in the
+    (B, F, C, H, W) layout without a permute copy. Statistics in fp32.
+    """
+    bf, c, h, w = x.shape
+    b, g = bf // num_frames, norm.num_groups
+    xg = x.reshape(b, num_frames, g, c // g, h * w).float()
+    var, mean = torch.var_mean(xg, dim=(1, 3, 4), keepdim=True, unbiased=False)
+    y = (xg - mean) * torch.rsqrt(var + norm.eps)
+    y = y.reshape(b, num_frames, c, h * w)
+    if norm.affine:
+        y = y * norm.weight.float()[None, None, :, None] + norm.bias.float()[None, None, :, None]
+    return y.reshape(bf, c, h, w).to(x.dtype)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added between; 1x1 shortcut when the
+    channel count changes."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
+                 output_scale_factor: float = 1.0):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.output_scale_factor = output_scale_factor
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+def _temporal_stage(in_dim: int, out_dim: int, groups: int, dropout: float | None) -> nn.Sequential:
+    # The Sequential indices are the checkpoint's key names (conv1.0 / conv1.2, convN.0 / convN.3).
+    layers: list[nn.Module] = [nn.GroupNorm(groups, in_dim), nn.SiLU()]
+    if dropout is not None:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Conv3d(in_dim, out_dim, (3, 1, 1), padding=(1, 0, 0)))
+    return nn.Sequential(*layers)
+
+
+def temporal_conv1d(x: torch.Tensor, num_frames: int, conv: nn.Conv3d) -> torch.Tensor:
+    """Kernel-3, padding-1 convolution over frames of x (B*F, C, H, W), as three per-frame 1x1 convs
+    (channel GEMMs) on time-shifted frames: no (B, C, F, H, W) permute copy."""
+    bf, c, h, w = x.shape
+    b = bf // num_frames
+    weight = conv.weight  # (C_out, C_in, 3, 1, 1)
+    taps = [F.conv2d(x, weight[:, :, k]) for k in range(3)]  # tap k multiplies frame f + k - 1
+    taps = [t.reshape(b, num_frames, -1, h, w) for t in taps]
+    out = taps[1].clone()
+    out[:, 1:] += taps[0][:, :-1]
+    out[:, :-1] += taps[2][:, 1:]
+    out = out + conv.bias[None, None, :, None, None]
+    return out.reshape(bf, -1, h, w)
+
+
+class TemporalConvLayer(nn.Module):
+    """Four (GroupNorm -> SiLU -> [dropout] -> conv over frames) stages with a residual around them.
+
+    The GroupNorms normalise each video over channels-of-group x frames x pixels. The last conv starts at
+    zero, so a freshly inserted layer is the identity.
+    """
+
+    def __init__(self, dim: int, groups: int, dropout: float = 0.1):
+        super().__init__()
+        self.conv1 = _temporal_stage(dim, dim, groups, None)
+        self.conv2 = _temporal_stage(dim, dim, groups, dropout)
+        self.conv3 = _temporal_stage(dim, dim, groups, dropout)
+        self.conv4 = _temporal_stage(dim, dim, groups, dropout)
+        nn.init.zeros_(self.conv4[-1].weight)
+        nn.init.zeros_(self.conv4[-1].bias)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        h = x
+        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+            norm, conv = stage[0], stage[-1]
+            h = F.silu(video_group_norm(h, num_frames, norm))
+            if len(stage) == 4:
+                h = stage[2](h)
+            h = temporal_conv1d(h, num_frames, conv)
+        return x + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention (self or cross) with bias-free q/k/v projections, through PyTorch SDPA."""
+
+    def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None):
+        super().__init__()
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(kv_dim, inner, bias=False)
+        self.to_v = nn.Linear(kv_dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        n, lq, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.reshape(n, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        o = o.transpose(1, 2).reshape(n, lq, -1)
+        return self.to_out[1](self.to_out[0](o))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, then cross-attention (or a second self-attention when
+    `cross_attention_dim` is None: the temporal blocks), then GEGLU feed-forward; residual after each."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, dim_head)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Per-frame 2D transformer: GroupNorm, linear proj_in over pixels, one block with text
+    cross-attention, linear proj_out, residual."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, groups: int, cross_attention_dim: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, cross_attention_dim)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)
+        t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t, context)
+        t = self.proj_out(t)
+        return x + t.reshape(bf, h, w, c).permute(0, 3, 1, 2)
+
+
+class TemporalTransformer(nn.Module):
+    """Bidirectional self-attention over the frames of every pixel: GroupNorm per video, proj_in,
+    one block of two self-attentions (no mask) and a feed-forward, proj_out, residual."""
+
+    def __init__(self, channels: int, heads: int, dim_head: int, groups: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None)])
+        self.proj_out = nn.Linear(inner, channels)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bf, c, h, w = x.shape
+        b = bf // num_frames
+        t = video_group_norm(x, num_frames, self.norm)
+        # (B, F, C, H, W) -> (B*H*W, F, C): one short sequence per pixel.
+        t = t.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(b * h * w, num_frames, c)
+        t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block(t)
+        t = self.proj_out(t)
+        t = t.reshape(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)
+        return x + t
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv (padding 0 means SD's asymmetric right/bottom pad)."""
+
+    def __init__(self, channels: int, padding: int = 1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding == 0:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest 2x (or to an explicit size, for odd skip sizes) then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)

@@ -1,0 +1,172 @@
+"""`pdengine` CLI end to end: generate (mp4/gif/png, manifest, prompts files), convert, info, and a
+clear error for every bad input, found before any model is loaded."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pdengine.engine import pipeline as pipeline_mod
+from pdengine.engine.cli import main
+from pdengine.engine.media import probe_video, read_video
+
+FAST = ["--frames", "3", "--size", "64", "--steps", "2"]
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "first.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail loudly if a test of bad input gets as far as loading the model."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "from_pretrained", classmethod(refuse))
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from pdengine.engine.cli import main; sys.argv=['pdengine','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "generate" in out.stdout
+
+
+def test_generate_mp4_decodes_to_the_right_frames(tiny_pipeline_dir, image, tmp_path):
+    out = tmp_path / "out"
+    result = run("generate", "a red circle moves to the right", "--model", tiny_pipeline_dir,
+                 "--first-frame", image, "--last-frame", image, "--frames", "3", "--height", "64",
+                 "--width", "48", "--steps", "2", "--clips", "2", "--seed", "4", "--out", out)
+    assert "resized and centre-cropped to 48x64" in result.output
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 1 and manifest[0]["seed"] == 4 and manifest[0]["clips"] == 2
+    video = out / manifest[0]["file"]
+    assert video.suffix == ".mp4"
+    info = probe_video(video)
+    assert (info["frames"], info["height"], info["width"]) == (3 + 2, 64, 48)
+    assert read_video(video).shape == (5, 64, 48, 3)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_generate_prompts_file_batches_and_formats(tiny_pipeline_dir, image, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "one", "first_frame": image.name, "seed": 9}) + "\n"
+                       + json.dumps({"prompt": "two"}) + "\n" + json.dumps({"prompt": "three"}) + "\n")
+    out_png, out_gif = tmp_path / "png", tmp_path / "gif"
+    run("generate", "--prompts", prompts, "--model", tiny_pipeline_dir, *FAST, "--batch-size", "2",
+        "--seed", "100", "--format", "png", "--out", out_png)
+    run("generate", "--prompts", prompts, "--model", tiny_pipeline_dir, *FAST, "--batch-size", "1",
+        "--seed", "100", "--format", "gif", "--out", out_gif)
+    rows = [json.loads(x) for x in (out_png / "manifest.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in rows] == [9, 101, 102]
+    assert rows[0]["first_frame"] == str(image)
+    for r in rows:
+        frames = read_video(out_png / r["file"])
+        assert frames.shape == (3, 64, 64, 3)
+    # Micro-batching does not change a video (same seed, same frames, up to GIF quantisation).
+    gif_rows = [json.loads(x) for x in (out_gif / "manifest.jsonl").read_text().splitlines()]
+    for r, g in zip(rows, gif_rows):
+        a = read_video(out_png / r["file"]).astype(float)
+        b = read_video(out_gif / g["file"]).astype(float)
+        assert np.abs(a - b).mean() < 8
+
+
+def test_tiny_random_says_it_is_noise(tmp_path):
+    result = run("generate", "hello", "--model", "tiny-random", *FAST, "--out", tmp_path / "o")
+    assert "RANDOM weights" in result.output and "noise" in result.output
+    assert "without --first-frame" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--first-frame", "missing.png"], "missing.png"),
+        (["--size", "60"], "multiple of 8"),
+        (["--frames", "1"], "frames must be >= 2"),
+        (["--steps", "4", "--tau", "9"], "tau"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--clips", "0"], "clips"),
+        (["--seed", "-1"], "seed"),
+    ],
+)
+def test_generate_bad_inputs(tiny_pipeline_dir, tmp_path, no_model_load, args, message):
+    result = run("generate", "a prompt", "--model", tiny_pipeline_dir, "--out", tmp_path / "o", *args, ok=False)
+    assert result.exit_code != 0
+    assert message in result.output
+
+
+def test_generate_bad_image_and_prompts_file(tiny_pipeline_dir, tmp_path, no_model_load):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    result = run("generate", "x", "--model", tiny_pipeline_dir, "--first-frame", bad, "--out", tmp_path / "o",
+                 ok=False)
+    assert result.exit_code != 0 and "bad.png" in result.output
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "ok"}\n{"prompt": "broken"\n')
+    result = run("generate", "--prompts", prompts, "--model", tiny_pipeline_dir, "--out", tmp_path / "o", ok=False)
+    assert result.exit_code != 0 and "p.jsonl:2" in result.output
+    result = run("generate", "--model", tiny_pipeline_dir, "--out", tmp_path / "o", ok=False)
+    assert result.exit_code != 0 and "no prompts" in result.output
+
+
+def test_generate_unwritable_out(tiny_pipeline_dir, tmp_path, no_model_load):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("generate", "x", "--model", tiny_pipeline_dir, "--out", blocker / "sub", ok=False)
+    assert result.exit_code != 0 and "not writable" in result.output
+
+
+def test_generate_names_the_broken_model_part(tiny_pipeline_dir, tmp_path, no_model_load):
+    import shutil
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    shutil.rmtree(broken / "vae")
+    result = run("generate", "x", "--model", broken, "--out", tmp_path / "o", ok=False)
+    assert result.exit_code != 0 and "missing part 'vae/'" in result.output
+    shutil.copytree(tiny_pipeline_dir / "vae", broken / "vae")
+    (broken / "model_index.json").write_text("{oops")
+    result = run("generate", "x", "--model", broken, "--out", tmp_path / "o", ok=False)
+    assert "model_index.json is not valid JSON" in result.output
+    result = run("generate", "x", "--model", tmp_path / "nowhere", "--out", tmp_path / "o", ok=False)
+    assert "does not exist" in result.output
+
+
+def test_convert_cli(tiny_modelscope_dir, tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "converted"
+    run("convert", "--from", "modelscope", tiny_modelscope_dir, "--out", out)
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "PixelDancePipeline"
+    assert json.loads((out / "unet" / "config.json").read_text())["in_channels"] == 8
+    result = run("convert", "--from", "modelscope", tiny_modelscope_dir, "--out", out, ok=False)
+    assert "not empty" in result.output
+    result = run("convert", "--from", "modelscope", tiny_pipeline_dir, "--out", tmp_path / "x", ok=False)
+    assert "--from pixeldance" in result.output
+    run("convert", "--from", "pixeldance", tiny_pipeline_dir, "--out", tmp_path / "again")
+
+
+def test_info_cli():
+    import torch
+
+    result = run("info")
+    assert torch.__version__ in result.output and "pixeldance" in result.output
+    data = json.loads(run("info", "--json").output)
+    assert data["presets"]["pixeldance"] > 1_400_000_000

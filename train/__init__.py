@@ -1,0 +1,1 @@
+"""Training: the PixelDance recipe (data, memory-lean trainer, checkpoints)."""
