@@ -372,6 +372,51 @@ def _tiny_unet(seed: int, in_channels: int):  # -> pdengine.model.UNet3D
     return perturb_parameters_(unet.eval(), seed)
 
 
+def write_tiny_sd_pipeline(out_dir: str | os.PathLike[str], *, seed: int = 0, overwrite: bool = False) -> Path:
+    """A tiny random Stable Diffusion (text-to-image) folder that diffusers' `StableDiffusionPipeline`
+    loads: the same tiny VAE, text encoder and tokenizer as the PixelDance folder, and a 2D UNet shaped
+    like the `tiny` UNet3D preset without its temporal layers. Used to test `--t2i-model` (the paper
+    makes first frames with SD) and, later, inflating a 2D UNet into a UNet3D."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp / "tokenizer-src"))
+        text_encoder = tiny_text_encoder(
+            len(tokenizer), seed, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(
+                sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8, attention_head_dim=8,
+                cross_attention_dim=TEXT_HIDDEN_SIZE,
+            )
+        pipe = StableDiffusionPipeline(
+            vae=tiny_vae(seed), text_encoder=text_encoder, tokenizer=tokenizer,
+            unet=perturb_parameters_(unet.eval(), seed), scheduler=_ddim_scheduler(), safety_checker=None,
+            feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+        )
+        build = tmp / "sd"
+        pipe.save_pretrained(build, safe_serialization=True)
+        (build / "README.md").write_text(
+            "# Tiny random Stable Diffusion model\n\n**These weights are random**: images made with it are "
+            "noise. Written by `pdengine.engine.tiny.write_tiny_sd_pipeline` for tests.\n", encoding="utf-8")
+        _move_into_place(build, out_dir, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
 def tiny_random_dir() -> Path:
     """Where the cached tiny-random model lives: `$PDENGINE_CACHE` (default ~/.cache/pdengine) / tiny-random."""
     cache = os.environ.get("PDENGINE_CACHE") or Path.home() / ".cache" / "pdengine"

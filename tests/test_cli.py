@@ -170,3 +170,33 @@ def test_info_cli():
     assert torch.__version__ in result.output and "pixeldance" in result.output
     data = json.loads(run("info", "--json").output)
     assert data["presets"]["pixeldance"] > 1_400_000_000
+
+
+def test_t2i_model_makes_the_first_frame(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Without --first-frame, --t2i-model (a Stable Diffusion folder) draws the first frame from the prompt
+    with the video's seed; the image handed to the pipeline equals diffusers' own output for that seed."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from pdengine.engine.tiny import write_tiny_sd_pipeline
+
+    sd_dir = write_tiny_sd_pipeline(tmp_path / "sd", seed=1)
+    seen = []
+    original = pipeline_mod.PixelDancePipeline.generate
+
+    def spy(self, prompts, firsts, lasts, seeds, settings, clips=1, on_step=None):
+        seen.append(firsts)
+        return original(self, prompts, firsts, lasts, seeds, settings, clips, on_step)
+
+    monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "generate", spy)
+    result = run("generate", "a blue square", "--model", tiny_pipeline_dir, "--t2i-model", sd_dir, *FAST,
+                 "--seed", "3", "--out", tmp_path / "o")
+    assert "without --first-frame" not in result.output
+    sd = StableDiffusionPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    expected = sd("a blue square", height=64, width=64, generator=torch.Generator().manual_seed(3),
+                  output_type="pt").images[0] * 2 - 1
+    torch.testing.assert_close(seen[0][0], expected, rtol=1e-5, atol=1e-5)
+    result = run("generate", "x", "--model", tiny_pipeline_dir, "--t2i-model", tmp_path, "--out", tmp_path / "o",
+                 ok=False)
+    assert "not a diffusers model folder" in result.output
