@@ -51,6 +51,8 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "load_scheduler",
+    "default_scheduler",
+    "SD_SCHEDULE",
     "read_scheduler_config",
     "SCHEDULER_CONFIG_NAME",
 ]
@@ -648,6 +650,24 @@ class DDPMScheduler(_DeviceScheduler):
 
 
 _CLASSES: dict[str, type[_DeviceScheduler]] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+# The engine's default schedule when a model folder brings none (training from a preset): Stable
+# Diffusion's / ModelScope's 1000-step scaled-linear betas. The classes' own defaults stay diffusers'
+# (`DDPMScheduler()` equals `diffusers.DDPMScheduler()`), so configs read from folders mean the same thing.
+SD_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+
+
+def default_scheduler(kind: str = "ddpm") -> DDIMScheduler | DDPMScheduler:
+    """A scheduler of `kind` ("ddim" / "ddpm") on SD's scaled-linear 1000-step schedule."""
+    return load_scheduler(SD_SCHEDULE, kind=kind)
 _CLASS_NAMES = {cls.__name__: kind for kind, cls in _CLASSES.items()}
 
 

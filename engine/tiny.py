@@ -238,15 +238,10 @@ def perturb_parameters_(module: torch.nn.Module, seed: int, scale: float = 0.02)
 def _ddim_scheduler():  # -> diffusers.DDIMScheduler
     from diffusers import DDIMScheduler
 
+    from .schedulers import SD_SCHEDULE
+
     # Stable Diffusion / ModelScope training schedule, DDIM sampling.
-    return DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return DDIMScheduler.from_config(SD_SCHEDULE)
 
 
 def _pdengine_version() -> str:

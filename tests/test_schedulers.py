@@ -468,3 +468,16 @@ def test_step_cuda_graph_capture(kind):
         torch.testing.assert_close(
             out, sched.step(m, torch.tensor(i, device="cuda"), x, noise=z, eta=eta), rtol=0, atol=0
         )
+
+
+def test_default_scheduler_is_sds_scaled_linear_schedule():
+    """The engine's default schedule equals diffusers' schedulers configured like Stable Diffusion."""
+    import diffusers
+
+    from pdengine.engine.schedulers import SD_SCHEDULE, default_scheduler
+
+    for kind, ref_cls in (("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler)):
+        ours = default_scheduler(kind)
+        ref = ref_cls.from_config(SD_SCHEDULE)  # from_config drops fields the class does not have
+        assert ours.config.beta_schedule == "scaled_linear" and ours.config.num_train_timesteps == 1000
+        torch.testing.assert_close(ours.alphas_cumprod, ref.alphas_cumprod, rtol=0, atol=0)
