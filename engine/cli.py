@@ -60,9 +60,11 @@ def _quiet_libraries() -> None:
               help="[default: bf16 on CUDA, fp32 on CPU]")
 @click.option("--t2i-model", type=click.Path(file_okay=False),
               help="Stable Diffusion folder that makes the first frame from the text when none is given.")
+@click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto",
+              help="Temporal layers: Triton kernels, PyTorch reference, or auto (kernels on CUDA).")
 def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size, height, width, steps,
              sampler, eta, guidance, tau, seed, batch_size, clips, fps, fmt, out_dir, device, dtype,
-             t2i_model):
+             t2i_model, backend):
     """Sample PixelDance videos from text + first frame (+ optional last frame)."""
     from pathlib import Path
 
@@ -83,7 +85,7 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
                                   sampler=sampler, eta=eta, guidance=guidance, tau=tau)
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,
                           batch_size=batch_size, clips=clips, fps=fps, fmt=fmt, device=device, dtype=dtype,
-                          t2i_model=t2i_model)
+                          t2i_model=t2i_model, backend=backend)
         records = run_generate(job)
     except (GenerateError, PromptFileError, MediaError, ModelFolderError) as e:
         _fail(e)
@@ -108,6 +110,36 @@ def convert(source, src, dst, overwrite):
     except (ModelFolderError, FileExistsError, ValueError) as e:
         _fail(e)
     click.echo(f"wrote {out}")
+
+
+@main.group(context_settings=CONTEXT)
+def bench() -> None:
+    """Benchmarks against the reference PyTorch layers and diffusers."""
+
+
+@bench.command("kernels", context_settings=CONTEXT)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="cuda: time every provider; cpu: modeled vs counted bytes and compile stats (no timing).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="CSV path [default: beside --json].")
+@click.option("--family", "families", multiple=True,
+              type=click.Choice(["temporal_conv", "temporal_attention", "concat_cond", "latent_update"]),
+              help="Only these kernel families (repeatable).  [default: all]")
+@click.option("--quick", is_flag=True, help="Fewer shapes.")
+def bench_kernels(device, json_path, csv_path, families, quick):
+    """Each kernel family at the pixeldance shapes, side by side with its references."""
+    from pathlib import Path
+
+    from pdengine.bench.kernels import run_kernel_bench
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run_kernel_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
+                            list(families) or None, quick)
+    failed = [r for r in rows if r.get("status", "ok") != "ok"]
+    click.echo(f"{len(rows)} rows ({len(failed)} failed)" + (f"; JSON: {json_path}" if json_path else ""))
 
 
 @main.command(context_settings=CONTEXT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-BACKENDS = frozenset({"torch"})
+BACKENDS = frozenset({"torch", "triton", "auto"})
 
 DOWN_TYPES = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_TYPES = ("CrossAttnUpBlock3D", "UpBlock3D")

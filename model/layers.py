@@ -10,11 +10,28 @@ paper does for joint image-video training.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger("pdengine")
+
+
+def use_kernels(backend: str, x: torch.Tensor) -> bool:
+    """Whether a layer runs its Triton kernel for input `x`: always for "triton", on CUDA tensors for
+    "auto", never for "torch". CPU tensors reach the kernels only through the Triton interpreter."""
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        return False
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
+            "interpreter); use backend='auto' to pick the PyTorch reference on the CPU"
+        )
+    return True
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -119,8 +136,9 @@ class TemporalConvLayer(nn.Module):
     zero, so a freshly inserted layer is the identity.
     """
 
-    def __init__(self, dim: int, groups: int, dropout: float = 0.1):
+    def __init__(self, dim: int, groups: int, dropout: float = 0.1, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
         self.conv1 = _temporal_stage(dim, dim, groups, None)
         self.conv2 = _temporal_stage(dim, dim, groups, dropout)
         self.conv3 = _temporal_stage(dim, dim, groups, dropout)
@@ -129,8 +147,17 @@ class TemporalConvLayer(nn.Module):
         nn.init.zeros_(self.conv4[-1].bias)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        stages = (self.conv1, self.conv2, self.conv3, self.conv4)
+        if use_kernels(self.backend, x):
+            from pdengine.kernels.temporal_conv import temporal_conv_block
+
+            return temporal_conv_block(
+                x, num_frames, [(s[0].weight, s[0].bias) for s in stages], [(s[-1].weight, s[-1].bias) for s in stages],
+                groups=self.conv1[0].num_groups, eps=self.conv1[0].eps,
+                dropout_p=self.conv2[2].p if self.training else 0.0, training=self.training,
+            )
         h = x
-        for stage in (self.conv1, self.conv2, self.conv3, self.conv4):
+        for stage in stages:
             norm, conv = stage[0], stage[-1]
             h = F.silu(video_group_norm(h, num_frames, norm))
             if len(stage) == 4:
@@ -204,6 +231,22 @@ class TransformerBlock(nn.Module):
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
+    def forward_frames(self, t: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The temporal block on token rows (N, dim) in (b, f, p) order, attention by the Triton kernel:
+        q/k/v come from one fused projection GEMM and the kernel reads them in place (no permutes)."""
+        t = t + _kernel_self_attention(self.attn1, self.norm1(t), num_frames)
+        t = t + _kernel_self_attention(self.attn2, self.norm2(t), num_frames)
+        return t + self.ff(self.norm3(t))
+
+
+def _kernel_self_attention(attn: Attention, h: torch.Tensor, num_frames: int) -> torch.Tensor:
+    from pdengine.kernels.temporal_attention import temporal_attention
+
+    inner = attn.to_q.out_features
+    qkv = F.linear(h, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+    o = temporal_attention(qkv[:, :inner], qkv[:, inner:2 * inner], qkv[:, 2 * inner:], num_frames, attn.heads)
+    return attn.to_out[1](attn.to_out[0](o))
+
 
 class SpatialTransformer(nn.Module):
     """Per-frame 2D transformer: GroupNorm, linear proj_in over pixels, one block with text
@@ -231,9 +274,10 @@ class TemporalTransformer(nn.Module):
     """Bidirectional self-attention over the frames of every pixel: GroupNorm per video, proj_in,
     one block of two self-attentions (no mask) and a feed-forward, proj_out, residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, groups: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, groups: int, backend: str = "torch"):
         super().__init__()
         inner = heads * dim_head
+        self.backend = backend
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None)])
@@ -242,6 +286,8 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bf, c, h, w = x.shape
         b = bf // num_frames
+        if use_kernels(self.backend, x):
+            return self._forward_kernels(x, num_frames)
         t = video_group_norm(x, num_frames, self.norm)
         # (B, F, C, H, W) -> (B*H*W, F, C): one short sequence per pixel.
         t = t.reshape(b, num_frames, c, h, w).permute(0, 3, 4, 1, 2).reshape(b * h * w, num_frames, c)
@@ -251,6 +297,17 @@ class TemporalTransformer(nn.Module):
         t = self.proj_out(t)
         t = t.reshape(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)
         return x + t
+
+    def _forward_kernels(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        # Tokens stay in (b, f, p) row order from proj_in to proj_out: the projections are plain GEMMs and
+        # the attention kernel walks frames with a stride of H*W rows, so the (b p) f permutes vanish.
+        bf, c, h, w = x.shape
+        t = video_group_norm(x, num_frames, self.norm).permute(0, 2, 3, 1).reshape(bf * h * w, c)
+        t = self.proj_in(t)
+        for block in self.transformer_blocks:
+            t = block.forward_frames(t, num_frames)
+        t = self.proj_out(t)
+        return x + t.reshape(bf, h, w, c).permute(0, 3, 1, 2)
 
 
 class Downsample2D(nn.Module):

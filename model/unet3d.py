@@ -37,7 +37,9 @@ from .layers import (
     TemporalTransformer,
     TimestepEmbedding,
     Upsample2D,
+    logger,
     timestep_embedding,
+    use_kernels,
 )
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -128,12 +130,9 @@ class UNet3D(nn.Module):
         super().__init__()
         cfg = resolve_config({**(config or {}), **overrides})
         if backend not in BACKENDS:
-            raise ValueError(
-                f"backend must be one of {sorted(BACKENDS)}, got {backend!r} "
-                "(the Triton kernels are not part of this build yet)"
-            )
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
         self.config = cfg
-        self.backend = backend
+        self._backend = "torch"
         ch = cfg["block_out_channels"]
         temb_dim = ch[0] * 4
         head_dim = cfg["attention_head_dim"]
@@ -174,6 +173,31 @@ class UNet3D(nn.Module):
         self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg["norm_eps"])
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        """Switch the implementation of the temporal layers (weights untouched): "torch" (PyTorch
+        reference), "triton" (the kernels), "auto" (kernels on CUDA inputs, reference on CPU)."""
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {value!r}")
+        if value != "torch":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                if value == "triton":
+                    raise ValueError("backend 'triton' needs triton, which is not installed") from None
+                logger.warning("pdengine UNet3D: triton is not installed: backend=auto uses the PyTorch reference")
+                value = "torch"
+        self._backend = value
+        self._announced = False
+        for m in self.modules():
+            if isinstance(m, (TemporalConvLayer, TemporalTransformer)):
+                m.backend = value
 
     # ------------------------------------------------------------------ forward
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
@@ -187,6 +211,11 @@ class UNet3D(nn.Module):
             raise ValueError(
                 f"encoder_hidden_states must be (B={b}, L, D), got {tuple(encoder_hidden_states.shape)}"
             )
+        if not self._announced and self._backend != "torch":
+            self._announced = True
+            active = "Triton kernels" if use_kernels(self._backend, sample) else "PyTorch reference"
+            logger.warning("pdengine UNet3D: backend=%s -> %s for the temporal layers (%s)", self._backend,
+                           active, sample.device)
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)
 

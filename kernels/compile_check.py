@@ -1,0 +1,140 @@
+"""Compile Triton kernels for real NVIDIA targets without a GPU, and read what the compiler made.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` runs the whole pipeline down to a
+cubin on any machine; the `cuobjdump` bundled with Triton then reports registers, stack and local
+memory (spills) and disassembles SASS, where tensor-core instructions show up as HMMA (sm80) or
+HGMMA/HMMA (sm90). Each kernel module lists the launches it makes at the `pixeldance` shapes with
+`compile_specs()`; tests and `pdengine bench kernels --device cpu` compile those.
+
+Results are cached on disk (keyed by the kernel source, signature, constants, target and Triton
+version) so the check stays fast after the first run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCHS = (80, 90)
+_MMA = re.compile(r"\b(HMMA|HGMMA|IMMA|WGMMA)\b")
+
+
+@dataclass
+class CompileSpec:
+    """One kernel launch configuration to compile: the @triton.jit function, its signature (argument name
+    -> Triton type such as "*bf16", "*fp32", "i32", "fp32", or "constexpr") and constexpr values."""
+
+    name: str
+    fn: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    expects_mma: bool = False  # the kernel multiplies matrices: its SASS must use tensor cores
+
+
+@dataclass
+class CompileReport:
+    name: str
+    arch: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    shared_bytes: int
+    mma_instructions: int
+    expects_mma: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spills(self) -> int:
+        return self.stack_bytes + self.local_bytes
+
+
+def _bin_dir() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def cuobjdump() -> Path:
+    path = _bin_dir() / "cuobjdump"
+    if not path.is_file():
+        raise FileNotFoundError(f"cuobjdump is not bundled with this Triton install (looked at {path})")
+    return path
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("PDENGINE_CACHE") or Path.home() / ".cache" / "pdengine"
+    return Path(root).expanduser() / "compile-check"
+
+
+def _key(spec: CompileSpec, arch: int) -> str:
+    import triton
+
+    fn = getattr(spec.fn, "fn", spec.fn)
+    src = inspect.getsource(fn)
+    blob = json.dumps([src, spec.signature, {k: repr(v) for k, v in spec.constexprs.items()}, spec.num_warps,
+                       spec.num_stages, arch, triton.__version__], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def parse_resource_usage(text: str) -> dict[str, int]:
+    """REG / STACK / SHARED / LOCAL of the (single) function in cuobjdump --dump-resource-usage output."""
+    out: dict[str, int] = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        m = re.search(rf"\b{key}:(\d+)", text)
+        if m is None:
+            raise ValueError(f"cuobjdump output has no {key} field:\n{text}")
+        out[key] = int(m.group(1))
+    return out
+
+
+def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> CompileReport:
+    """Compile `spec` for sm_`arch` and report its resource usage and tensor-core instruction count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    cache_file = _cache_dir() / f"{spec.name}-sm{arch}-{_key(spec, arch)}.json"
+    if use_cache and cache_file.is_file():
+        return CompileReport(**json.loads(cache_file.read_text()))
+    src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        tool = str(cuobjdump())
+        usage = subprocess.run([tool, "--dump-resource-usage", str(cubin)], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    res = parse_resource_usage(usage)
+    report = CompileReport(
+        name=spec.name, arch=arch, registers=res["REG"], stack_bytes=res["STACK"], local_bytes=res["LOCAL"],
+        shared_bytes=max(res["SHARED"], int(getattr(kernel.metadata, "shared", 0) or 0)),
+        mma_instructions=len(_MMA.findall(sass)), expects_mma=spec.expects_mma,
+        extra={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+    )
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp_file = cache_file.with_suffix(".tmp")
+    tmp_file.write_text(json.dumps(asdict(report)))
+    tmp_file.replace(cache_file)
+    return report
+
+
+def all_specs() -> list[CompileSpec]:
+    """Every kernel launch of the four families at the `pixeldance` preset's shapes."""
+    from . import concat_cond, latent_update, temporal_attention, temporal_conv
+
+    specs: list[CompileSpec] = []
+    for module in (temporal_conv, temporal_attention, concat_cond, latent_update):
+        specs.extend(module.compile_specs())
+    return specs

@@ -1,0 +1,45 @@
+"""Shared tolerances and comparison for kernel tests (one table for the whole suite)."""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol) per dtype of the computation under test, compared against an fp32 reference.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 name: str = "", scale: float = 1.0) -> None:
+    """assert_close with the suite's tolerance for `dtype` (times `scale`); on failure the message says
+    where the worst mismatch is."""
+    rtol, atol = TOLERANCES[dtype]
+    a, e = actual.detach().float(), expected.detach().float()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    err = (a - e).abs()
+    bound = atol * scale + rtol * scale * e.abs()
+    bad = err > bound
+    if bad.any():
+        worst = (err - bound).flatten().argmax()
+        where = tuple(int(i) for i in torch.unravel_index(worst, err.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{bad.numel()} elements out of tolerance (rtol={rtol * scale}, "
+            f"atol={atol * scale}); worst at {where}: got {a[where].item():.6g}, expected {e[where].item():.6g}"
+        )
+
+
+def assert_low_precision_close(actual_lp: torch.Tensor, reference_lp: torch.Tensor, reference_fp32: torch.Tensor,
+                               name: str = "", factor: float = 2.0, floor: float = 1e-3) -> None:
+    """The kernel in low precision may be at most `factor` x as far from the fp32 reference as PyTorch's
+    own low-precision reference is (with a small absolute floor for near-exact cases)."""
+    ref32 = reference_fp32.detach().float()
+    err_kernel = (actual_lp.detach().float() - ref32).abs().max().item()
+    err_torch = (reference_lp.detach().float() - ref32).abs().max().item()
+    limit = factor * err_torch + floor * max(1.0, ref32.abs().max().item())
+    if err_kernel > limit:
+        raise AssertionError(f"{name}: low-precision error {err_kernel:.3g} > {factor} x PyTorch's {err_torch:.3g} "
+                             f"(+ floor) = {limit:.3g}")
