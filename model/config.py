@@ -84,19 +84,32 @@ def resolve_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("time_cond_proj_dim is not supported")
     if cfg["act_fn"] != "silu":
         raise ValueError(f"act_fn must be 'silu', got {cfg['act_fn']!r}")
-    if not isinstance(cfg["attention_head_dim"], int):
-        raise ValueError("attention_head_dim must be one int (per-level head dims are not supported)")
+    hd = cfg["attention_head_dim"]
+    if isinstance(hd, (list, tuple)):
+        cfg["attention_head_dim"] = hd = list(hd)
+        if len(hd) != n:
+            raise ValueError(f"attention_head_dim has {len(hd)} entries for {n} levels")
     groups = cfg["norm_num_groups"]
     if not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"norm_num_groups must be a positive int, got {groups!r}")
-    for c in cfg["block_out_channels"]:
+    for c, d in zip(cfg["block_out_channels"], head_dims(cfg)):
+        if not isinstance(d, int) or d <= 0:
+            raise ValueError(f"attention_head_dim must be a positive int or one per level, got {hd!r}")
         if c % groups:
             raise ValueError(f"block_out_channels {c} is not divisible by norm_num_groups {groups}")
-        if c % cfg["attention_head_dim"]:
-            raise ValueError(f"block_out_channels {c} is not divisible by attention_head_dim")
+        if c % d:
+            raise ValueError(f"block_out_channels {c} is not divisible by its attention head dim {d}")
     if cfg["in_channels"] < 1 or cfg["out_channels"] < 1:
         raise ValueError("in_channels and out_channels must be positive")
     return cfg
+
+
+def head_dims(cfg: dict[str, Any]) -> list[int]:
+    """Attention head dimension per UNet level. One int (diffusers' UNet3DConditionModel, ModelScope) or,
+    as this project's extension, one per level (needed to inflate SD 1.x UNets, whose levels keep 8 heads
+    of growing width); `transformer_in` uses the first level's."""
+    hd = cfg["attention_head_dim"]
+    return list(hd) if isinstance(hd, list) else [hd] * len(cfg["block_out_channels"])
 
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:

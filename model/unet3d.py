@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import BACKENDS, resolve_config
+from .config import BACKENDS, head_dims, resolve_config
 from .layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -52,10 +52,10 @@ class UNetBlock3D(nn.Module):
     then an optional down- or up-sampler. Up levels concatenate one skip tensor before each resnet."""
 
     def __init__(self, *, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
-                 cross_attention: bool, cfg: dict[str, Any], skip_channels: Sequence[int] = (),
+                 cross_attention: bool, cfg: dict[str, Any], head_dim: int, skip_channels: Sequence[int] = (),
                  downsample: bool = False, upsample: bool = False):
         super().__init__()
-        groups, eps, head_dim = cfg["norm_num_groups"], cfg["norm_eps"], cfg["attention_head_dim"]
+        groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
         self.has_cross_attention = cross_attention
         self.resnets = nn.ModuleList()
         self.temp_convs = nn.ModuleList()
@@ -92,9 +92,9 @@ class UNetBlock3D(nn.Module):
 class MidBlock3D(nn.Module):
     """resnet, temporal conv, then (spatial attention, temporal attention, resnet, temporal conv)."""
 
-    def __init__(self, channels: int, temb_channels: int, cfg: dict[str, Any]):
+    def __init__(self, channels: int, temb_channels: int, cfg: dict[str, Any], head_dim: int):
         super().__init__()
-        groups, eps, head_dim = cfg["norm_num_groups"], cfg["norm_eps"], cfg["attention_head_dim"]
+        groups, eps = cfg["norm_num_groups"], cfg["norm_eps"]
         scale = cfg["mid_block_scale_factor"]
         heads = channels // head_dim
         self.resnets = nn.ModuleList(
@@ -135,11 +135,11 @@ class UNet3D(nn.Module):
         self._backend = "torch"
         ch = cfg["block_out_channels"]
         temb_dim = ch[0] * 4
-        head_dim = cfg["attention_head_dim"]
+        dims = head_dims(cfg)
 
         self.conv_in = nn.Conv2d(cfg["in_channels"], ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
-        self.transformer_in = TemporalTransformer(ch[0], 8, head_dim, cfg["norm_num_groups"])
+        self.transformer_in = TemporalTransformer(ch[0], 8, dims[0], cfg["norm_num_groups"])
 
         self.down_blocks = nn.ModuleList()
         out_c = ch[0]
@@ -148,9 +148,9 @@ class UNet3D(nn.Module):
             self.down_blocks.append(UNetBlock3D(
                 in_channels=in_c, out_channels=out_c, temb_channels=temb_dim,
                 num_layers=cfg["layers_per_block"], cross_attention=kind == "CrossAttnDownBlock3D",
-                cfg=cfg, downsample=i < len(ch) - 1,
+                cfg=cfg, head_dim=dims[i], downsample=i < len(ch) - 1,
             ))
-        self.mid_block = MidBlock3D(ch[-1], temb_dim, cfg)
+        self.mid_block = MidBlock3D(ch[-1], temb_dim, cfg, dims[-1])
 
         # Skip channels each up level consumes, in the order the down path produced them (popped from
         # the end): conv_in output, then per level `layers_per_block` outputs plus the downsampler's.
@@ -165,7 +165,8 @@ class UNet3D(nn.Module):
             level_skips = [skips.pop() for _ in range(n_up)]
             self.up_blocks.append(UNetBlock3D(
                 in_channels=prev_c, out_channels=rev[i], temb_channels=temb_dim, num_layers=n_up,
-                cross_attention=kind == "CrossAttnUpBlock3D", cfg=cfg, skip_channels=level_skips,
+                cross_attention=kind == "CrossAttnUpBlock3D", cfg=cfg, head_dim=dims[len(ch) - 1 - i],
+                skip_channels=level_skips,
                 upsample=i < len(ch) - 1,
             ))
             prev_c = rev[i]
