@@ -113,6 +113,7 @@ def denoise(
     eta: float = 0.0,
     step_noise: Callable[[int], torch.Tensor] | None = None,
     on_step: Callable[[int], None] | None = None,
+    cache_conditioning: bool = True,
 ) -> torch.Tensor:
     """PixelDance sampling loop (DDIM, Song et al. 2021 / DDPM, Ho et al. 2020) with text CFG.
 
@@ -121,6 +122,10 @@ def denoise(
     used while the step index is below `tau` and zeros after (the paper's tau rule). Classifier-free
     guidance batches [uncond, cond] in one UNet call (diffusers' order); only the text is
     unconditioned: c_image is the same in both halves. Every per-step quantity is a device tensor.
+
+    With `cache_conditioning`, conv_in's response to each instruction slot is computed once
+    (`UNet3D.condition_features`) and mixed per step with the tau mask; the UNet then reads only the
+    latent channels. Without it, the full `[z_t ; c_image]` input is built every step.
     """
     device = latents.device
     timesteps = scheduler.timesteps
@@ -128,14 +133,24 @@ def denoise(
     context = torch.cat([uncond, text]) if cfg else text
     tau_t = torch.tensor(tau, device=device)
     has_last = has_last.to(device=device, dtype=torch.bool)
+    b, _, f = latents.shape[:3]
+    if cache_conditioning:
+        feat_first = unet.condition_features(c_first)
+        feat_last = unet.condition_features(c_last)
     for i in range(len(timesteps)):
         step = torch.tensor(i, device=device, dtype=torch.long)
         t = timesteps.index_select(0, step.reshape(1))
         keep = has_last & (step < tau_t)
-        x = unet_input(latents, c_first, c_last, keep)
-        if cfg:
-            x = torch.cat([x, x])
-        eps = unet(x, t.expand(x.shape[0]), context)
+        if cache_conditioning:
+            keep_rows = keep.to(feat_last.dtype).repeat_interleave(f).reshape(-1, 1, 1, 1)
+            feats = feat_first + keep_rows * feat_last
+            x, feats = (torch.cat([latents, latents]), torch.cat([feats, feats])) if cfg else (latents, feats)
+            eps = unet(x, t.expand(x.shape[0]), context, cond_features=feats)
+        else:
+            x = unet_input(latents, c_first, c_last, keep)
+            if cfg:
+                x = torch.cat([x, x])
+            eps = unet(x, t.expand(x.shape[0]), context)
         if cfg:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
@@ -263,6 +278,7 @@ class PixelDancePipeline:
         generators: Sequence[torch.Generator],
         settings: SampleSettings,
         on_step: Callable[[int], None] | None = None,
+        cache_conditioning: bool = True,
     ) -> torch.Tensor:
         """One clip per prompt -> latents (B, C, F, h, w). Instruction latents are (C, h, w) or None.
         Each video draws its initial noise (shape (1, C, F, h, w), fp32, on the CPU, like diffusers'
@@ -295,6 +311,7 @@ class PixelDancePipeline:
             self.unet, scheduler, latents, text, uncond, c_first, c_last, has_last,
             guidance=settings.guidance, tau=settings.resolved_tau(), eta=settings.eta,
             step_noise=(lambda i: draw()) if stochastic else None, on_step=on_step,
+            cache_conditioning=cache_conditioning,
         )
 
     @torch.no_grad()

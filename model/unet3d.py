@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import BACKENDS, head_dims, resolve_config
@@ -201,13 +202,33 @@ class UNet3D(nn.Module):
                 m.backend = value
 
     # ------------------------------------------------------------------ forward
+    def condition_features(self, c_image: torch.Tensor) -> torch.Tensor:
+        """`conv_in`'s response to the c_image channels alone, (B*F, C0, H, W), without bias.
+
+        conv_in is linear, so conv_in([z ; c]) = conv(z, W_z) + b + conv(c, W_c): a sampler computes this
+        once per video batch and passes it as `cond_features` with the plain latent as `sample`. Linear in
+        c_image too, so features of the first- and last-frame slots can be mixed per step with the tau
+        mask instead of recomputing them at the tau boundary.
+        """
+        b, c, f, h, w = c_image.shape
+        n_z = self.config["in_channels"] - c
+        x = c_image.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        return F.conv2d(x, self.conv_in.weight[:, n_z:], None, padding=1)
+
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
-                encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+                encoder_hidden_states: torch.Tensor, cond_features: torch.Tensor | None = None) -> torch.Tensor:
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, C, F, H, W), got shape {tuple(sample.shape)}")
         b, c, f, h, w = sample.shape
-        if c != self.config["in_channels"]:
-            raise ValueError(f"sample has {c} channels, the model expects {self.config['in_channels']}")
+        expected = self.config["in_channels"]
+        if cond_features is not None:
+            if cond_features.shape != (b * f, self.conv_in.out_channels, h, w):
+                raise ValueError(f"cond_features must be {(b * f, self.conv_in.out_channels, h, w)}, "
+                                 f"got {tuple(cond_features.shape)}")
+            if c >= expected:
+                raise ValueError(f"with cond_features, sample holds only the latent channels (< {expected}), got {c}")
+        elif c != expected:
+            raise ValueError(f"sample has {c} channels, the model expects {expected}")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
             raise ValueError(
                 f"encoder_hidden_states must be (B={b}, L, D), got {tuple(encoder_hidden_states.shape)}"
@@ -225,7 +246,10 @@ class UNet3D(nn.Module):
         context = encoder_hidden_states.repeat_interleave(f, dim=0)
 
         x = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        x = self.conv_in(x)
+        if cond_features is None:
+            x = self.conv_in(x)
+        else:
+            x = F.conv2d(x, self.conv_in.weight[:, :c], self.conv_in.bias, padding=1) + cond_features
         if f > 1:
             x = self.transformer_in(x, f)
 

@@ -68,9 +68,12 @@ class SpyUNet(torch.nn.Module):
         self.unet, self.calls = unet, []
         self.config = unet.config
 
-    def forward(self, x, t, ctx):
+    def forward(self, x, t, ctx, cond_features=None):
         self.calls.append((x.clone(), t.clone(), ctx.clone()))
-        return self.unet(x, t, ctx)
+        return self.unet(x, t, ctx, cond_features=cond_features)
+
+    def condition_features(self, c_image):
+        return self.unet.condition_features(c_image)
 
 
 def test_tau_rule_and_cfg_halves(pipe, tiny_pipeline_dir):
@@ -83,7 +86,7 @@ def test_tau_rule_and_cfg_halves(pipe, tiny_pipeline_dir):
         first, last = torch.randn(4, 8, 8, generator=gen), torch.randn(4, 8, 8, generator=gen)
         settings = SampleSettings(num_frames=3, height=64, width=64, steps=5, guidance=3.0, tau=2)
         pipe.sample_clip(["a", "b"], [first, first], [last, None],
-                         [torch.Generator().manual_seed(s) for s in (0, 1)], settings)
+                         [torch.Generator().manual_seed(s) for s in (0, 1)], settings, cache_conditioning=False)
     finally:
         pipe.unet = spy.unet
     assert len(spy.calls) == 5
@@ -99,6 +102,19 @@ def test_tau_rule_and_cfg_halves(pipe, tiny_pipeline_dir):
         assert not x[1, 4:, -1].any()  # video 1 has no last-frame instruction at all
         assert torch.equal(t, t[:1].expand(4))
     assert spy.calls[0][1][0] > spy.calls[-1][1][0]  # timesteps decrease
+
+
+def test_cached_conditioning_equals_the_full_input(pipe):
+    """conv_in is linear: its c_image response computed once and mixed with the tau mask per step gives
+    the same videos as feeding [z_t ; c_image] every step."""
+    gen = torch.Generator().manual_seed(4)
+    first, last = torch.randn(4, 8, 8, generator=gen), torch.randn(4, 8, 8, generator=gen)
+    settings = SampleSettings(num_frames=3, height=64, width=64, steps=4, guidance=3.0, tau=2)
+    args = (["a", "b"], [first, None], [last, last])
+    cached = pipe.sample_clip(*args, [torch.Generator().manual_seed(s) for s in (0, 1)], settings)
+    full = pipe.sample_clip(*args, [torch.Generator().manual_seed(s) for s in (0, 1)], settings,
+                            cache_conditioning=False)
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
 
 
 def test_guidance_off_runs_single_batch(pipe):
