@@ -62,9 +62,10 @@ def _quiet_libraries() -> None:
               help="Stable Diffusion folder that makes the first frame from the text when none is given.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto",
               help="Temporal layers: Triton kernels, PyTorch reference, or auto (kernels on CUDA).")
+@click.option("--resume", is_flag=True, help="Skip videos already in --out's manifest (same prompts and seeds).")
 def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size, height, width, steps,
              sampler, eta, guidance, tau, seed, batch_size, clips, fps, fmt, out_dir, device, dtype,
-             t2i_model, backend):
+             t2i_model, backend, resume):
     """Sample PixelDance videos from text + first frame (+ optional last frame)."""
     from pathlib import Path
 
@@ -86,7 +87,7 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,
                           batch_size=batch_size, clips=clips, fps=fps, fmt=fmt, device=device, dtype=dtype,
                           t2i_model=t2i_model, backend=backend)
-        records = run_generate(job)
+        records = run_generate(job, resume=resume)
     except (GenerateError, PromptFileError, MediaError, ModelFolderError) as e:
         _fail(e)
     click.echo(f"{len(records)} video(s) in {out_dir} (manifest: {Path(out_dir) / 'manifest.jsonl'})")

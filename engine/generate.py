@@ -132,8 +132,51 @@ def _pick_device(name: str | None) -> str:
     return name
 
 
-def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Sample every prompt of the job; returns the manifest records written."""
+def _dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def read_manifests(out: Path) -> dict[int, dict]:
+    """Records already written in `out` (the merged manifest and any per-rank parts), by video index;
+    only those whose output still exists count."""
+    done: dict[int, dict] = {}
+    for path in sorted(out.glob("manifest*.jsonl")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                idx = int(rec["index"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise GenerateError(f"{path}:{n}: not a manifest record") from None
+            if (out / rec.get("file", "")).exists():
+                done[idx] = rec
+    return done
+
+
+def merge_manifests(out: Path) -> Path:
+    """Fold per-rank manifest parts into `manifest.jsonl`, one line per video, sorted by index."""
+    records = read_manifests(out)
+    merged = out / "manifest.jsonl"
+    tmp = out / ".manifest.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(records[i]) + "\n" for i in sorted(records)))
+    tmp.replace(merged)
+    for part in out.glob("manifest.rank*.jsonl"):
+        part.unlink()
+    return merged
+
+
+def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, resume: bool = False) -> list[dict]:
+    """Sample every prompt of the job; returns the manifest records this process wrote.
+
+    Under `torchrun`, rank r takes videos r, r + N, r + 2N, ...; each writes its own manifest part and
+    rank 0 merges them when all are done (a video is the same whichever rank makes it: its seed is fixed
+    by its index). `resume` skips videos whose manifest record and output file exist.
+    """
     import torch
     from tqdm import tqdm
 
@@ -142,28 +185,48 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None) -> 
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     validate_job(job)
+    out = Path(job.out_dir)
+    rank, world, local_rank = _dist_info()
+    done_before = read_manifests(out)
+    if done_before and not resume:
+        raise GenerateError(f"--out {out} already holds {len(done_before)} video(s) with a manifest: pass "
+                            "--resume to continue that run, or choose another --out")
+    seeds = assign_seeds(job.specs, job.seed)
+    for idx, rec in done_before.items():
+        if idx >= len(job.specs) or rec.get("prompt") != job.specs[idx].prompt or rec.get("seed") != seeds[idx]:
+            raise GenerateError(f"--resume: video {idx} in {out} was made from a different prompt or seed than "
+                                "this prompts list: use a fresh --out")
+    todo = [i for i in range(len(job.specs)) if i % world == rank and i not in done_before]
+    if done_before and rank == 0:
+        log(f"resuming: {len(done_before)} video(s) already done, {len(job.specs) - len(done_before)} to go")
+
+    if world > 1:
+        import torch.distributed as dist
+
+        # Only a barrier is needed (no tensors cross ranks), so gloo serves CPU and GPU runs alike.
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        if job.device is None and torch.cuda.is_available():
+            job.device = f"cuda:{local_rank}"
     device = _pick_device(job.device)
     dtype = _torch_dtype(job.dtype, device)
     model_dir = resolve_model(job.model)
     index = check_model_folder(model_dir)
-    if index.get("_random_weights") or job.model == "tiny-random":
+    if rank == 0 and (index.get("_random_weights") or job.model == "tiny-random"):
         log(f"note: {job.model} has RANDOM weights: the videos it makes are noise (a smoke test of the engine)")
     pipe = PixelDancePipeline.from_pretrained(model_dir, device=device, dtype=dtype, backend=job.backend)
     settings = job.settings
     h, w = settings.height, settings.width
 
-    missing_first = [s for s in job.specs if s.first_frame is None]
+    missing_first = [job.specs[i] for i in todo if job.specs[i].first_frame is None]
     if missing_first and job.t2i_model is None:
         log(f"warning: {len(missing_first)} prompt(s) without --first-frame: PixelDance models expect a "
             "first-frame instruction; its slot in c_image is zeros (use --t2i-model DIR to make one from the text)")
     t2i = _load_t2i(job.t2i_model, device, dtype) if (missing_first and job.t2i_model) else None
 
-    seeds = assign_seeds(job.specs, job.seed)
-    out = Path(job.out_dir)
-    manifest = out / "manifest.jsonl"
+    manifest = out / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
     ext = "" if job.fmt == "png" else f".{job.fmt}"
     records: list[dict] = []
-    total_steps = len(job.specs) * settings.steps * job.clips
     noted_sizes: set[str] = set()
 
     def image(path: str | None) -> torch.Tensor | None:
@@ -180,11 +243,12 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None) -> 
 
     start_all = time.perf_counter()
     done = 0
-    with tqdm(total=total_steps, unit="step", desc="sampling", file=sys.stderr,
+    with tqdm(total=len(todo) * settings.steps * job.clips, unit="step", desc="sampling", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
-        for b0 in range(0, len(job.specs), job.batch_size):
-            batch = job.specs[b0:b0 + job.batch_size]
-            batch_seeds = seeds[b0:b0 + job.batch_size]
+        for b0 in range(0, len(todo), job.batch_size):
+            ids = todo[b0:b0 + job.batch_size]
+            batch = [job.specs[i] for i in ids]
+            batch_seeds = [seeds[i] for i in ids]
             t0 = time.perf_counter()
             firsts = [image(s.first_frame) for s in batch]
             if t2i is not None:
@@ -194,8 +258,7 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None) -> 
             videos = pipe.generate([s.prompt for s in batch], firsts, lasts, batch_seeds, settings,
                                    clips=job.clips, on_step=lambda i: bar.update(1))
             seconds = (time.perf_counter() - t0) / len(batch)
-            for j, (spec, seed) in enumerate(zip(batch, batch_seeds)):
-                idx = b0 + j
+            for j, (idx, spec, seed) in enumerate(zip(ids, batch, batch_seeds)):
                 path = out / f"{idx:05d}_{slugify(spec.prompt)}{ext}"
                 write_video(frames_to_uint8(videos[j].permute(1, 0, 2, 3)), path, job.fmt, job.fps)
                 record = {
@@ -205,16 +268,28 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None) -> 
                     **{k: v for k, v in asdict(settings).items() if k not in ("height", "width", "num_frames")},
                     "frames_per_clip": settings.num_frames, "tau": settings.resolved_tau(),
                     "fps": job.fps, "format": job.fmt, "model": str(job.model), "device": device,
-                    "dtype": str(dtype).replace("torch.", ""), "seconds": round(seconds, 3),
+                    "dtype": str(dtype).replace("torch.", ""), "backend": job.backend,
+                    "seconds": round(seconds, 3), "rank": rank,
                 }
+                # The video is in place before its manifest line: a crash loses at most this batch.
                 with manifest.open("a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 records.append(record)
             done += len(batch)
             rate = done / (time.perf_counter() - start_all)
-            bar.set_postfix(videos=f"{done}/{len(job.specs)}", vps=f"{rate:.3f}")
-            log(f"[{done}/{len(job.specs)}] wrote {', '.join(r['file'] for r in records[-len(batch):])} "
+            bar.set_postfix(videos=f"{done}/{len(todo)}", vps=f"{rate:.3f}")
+            log(f"[{done}/{len(todo)}] wrote {', '.join(r['file'] for r in records[-len(batch):])} "
                 f"({rate:.3f} videos/s)")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            merge_manifests(out)
+        dist.barrier()
+        dist.destroy_process_group()
+    elif any(out.glob("manifest.rank*.jsonl")):  # parts left by an interrupted multi-process run
+        merge_manifests(out)
     return records
 
 
