@@ -62,10 +62,11 @@ def _quiet_libraries() -> None:
               help="Stable Diffusion folder that makes the first frame from the text when none is given.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto",
               help="Temporal layers: Triton kernels, PyTorch reference, or auto (kernels on CUDA).")
+@click.option("--no-cuda-graph", is_flag=True, help="Run the static sampler eagerly (no CUDA graph capture).")
 @click.option("--resume", is_flag=True, help="Skip videos already in --out's manifest (same prompts and seeds).")
 def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size, height, width, steps,
              sampler, eta, guidance, tau, seed, batch_size, clips, fps, fmt, out_dir, device, dtype,
-             t2i_model, backend, resume):
+             t2i_model, backend, no_cuda_graph, resume):
     """Sample PixelDance videos from text + first frame (+ optional last frame)."""
     from pathlib import Path
 
@@ -86,7 +87,7 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
                                   sampler=sampler, eta=eta, guidance=guidance, tau=tau)
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,
                           batch_size=batch_size, clips=clips, fps=fps, fmt=fmt, device=device, dtype=dtype,
-                          t2i_model=t2i_model, backend=backend)
+                          t2i_model=t2i_model, backend=backend, cuda_graph=not no_cuda_graph)
         records = run_generate(job, resume=resume)
     except (GenerateError, PromptFileError, MediaError, ModelFolderError) as e:
         _fail(e)

@@ -170,6 +170,11 @@ class PixelDancePipeline:
         self.scheduler_config = scheduler_config
         self.device, self.dtype = device, dtype
         self._empty_embedding: torch.Tensor | None = None
+        # The static-buffer sampler (CUDA-graph captured on GPUs) is the default on CUDA; `use_cuda_graph`
+        # False runs the same static step eagerly (`--no-cuda-graph`).
+        self.static_sampler = device.type == "cuda"
+        self.use_cuda_graph = True
+        self._samplers: dict = {}
         self.latent_channels = int(vae.config.latent_channels)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
@@ -269,6 +274,19 @@ class PixelDancePipeline:
         scheduler.set_timesteps(settings.steps, device=self.device)
         return scheduler
 
+    def _static_sampler(self, batch: int, latents: torch.Tensor, text: torch.Tensor, settings: SampleSettings):
+        """The StaticSampler of this bucket, built (and captured) on first use, then reused."""
+        from .graph_sampler import Bucket, StaticSampler
+
+        _, c, f, h, w = latents.shape
+        bucket = Bucket(batch, c, f, h, w, text.shape[1], text.shape[2], self.dtype, settings.steps,
+                        settings.sampler, settings.eta, settings.guidance > 1.0)
+        key = (bucket, self.use_cuda_graph)
+        if key not in self._samplers:
+            self._samplers[key] = StaticSampler(self.unet, self.make_scheduler(settings), bucket, self.device,
+                                                use_graph=self.use_cuda_graph)
+        return self._samplers[key]
+
     @torch.no_grad()
     def sample_clip(
         self,
@@ -279,6 +297,7 @@ class PixelDancePipeline:
         settings: SampleSettings,
         on_step: Callable[[int], None] | None = None,
         cache_conditioning: bool = True,
+        static: bool | None = None,
     ) -> torch.Tensor:
         """One clip per prompt -> latents (B, C, F, h, w). Instruction latents are (C, h, w) or None.
         Each video draws its initial noise (shape (1, C, F, h, w), fp32, on the CPU, like diffusers'
@@ -304,8 +323,16 @@ class PixelDancePipeline:
 
         text = self.encode_text(prompts)
         uncond = self.encode_text([""] * b) if settings.guidance > 1.0 else None
-        scheduler = self.make_scheduler(settings)
         stochastic = settings.sampler == "ddpm" or settings.eta > 0
+        static = self.static_sampler if static is None else static
+        if static and cache_conditioning:
+            sampler = self._static_sampler(b, latents, text, settings)
+            return sampler.run(
+                latents * sampler.scheduler.init_noise_sigma, text, uncond, self.unet.condition_features(c_first),
+                self.unet.condition_features(c_last), has_last, tau=settings.resolved_tau(),
+                guidance=settings.guidance, step_noise=(lambda i: draw()) if stochastic else None, on_step=on_step,
+            )
+        scheduler = self.make_scheduler(settings)
         latents = latents * scheduler.init_noise_sigma
         return denoise(
             self.unet, scheduler, latents, text, uncond, c_first, c_last, has_last,
