@@ -50,7 +50,7 @@ def _quiet_libraries() -> None:
 @click.option("--guidance", default=7.5, help="Classifier-free guidance scale on the text (<= 1: off).")
 @click.option("--tau", type=int, help="Steps that use the last-frame instruction  [default: steps // 2]")
 @click.option("--seed", default=0, help="Base seed; video i uses seed + i unless its line sets one.")
-@click.option("--batch-size", default=1, help="Videos sampled together.")
+@click.option("--batch-size", default="1", help="Videos sampled together, or 'auto' (largest that fits the GPU).")
 @click.option("--clips", default=1, help="Clips chained per video (last frame -> next first frame).")
 @click.option("--fps", default=4.0, help="Frame rate of the written video.")
 @click.option("--format", "fmt", type=click.Choice(["mp4", "gif", "png"]), default="mp4")
@@ -83,6 +83,11 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
         for spec in specs:
             spec.first_frame = spec.first_frame or first_frame
             spec.last_frame = spec.last_frame or last_frame
+        if batch_size != "auto":
+            try:
+                batch_size = int(batch_size)
+            except ValueError:
+                raise GenerateError(f"--batch-size must be an integer or 'auto', got {batch_size!r}") from None
         settings = SampleSettings(num_frames=frames, height=height or size, width=width or size, steps=steps,
                                   sampler=sampler, eta=eta, guidance=guidance, tau=tau)
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,

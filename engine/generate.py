@@ -33,7 +33,7 @@ class GenerateJob:
     out_dir: Path
     settings: SampleSettings = field(default_factory=SampleSettings)
     seed: int = 0
-    batch_size: int = 1
+    batch_size: int | str = 1  # or "auto": the largest batch whose peak GPU memory fits
     clips: int = 1
     fps: float = 4.0
     fmt: str = "mp4"
@@ -73,8 +73,8 @@ def validate_job(job: GenerateJob) -> None:
         if not spec.prompt.strip():
             where = f" (line {spec.line})" if spec.line else ""
             raise GenerateError(f"empty prompt{where}")
-    if job.batch_size < 1:
-        raise GenerateError(f"--batch-size must be >= 1, got {job.batch_size}")
+    if job.batch_size != "auto" and (not isinstance(job.batch_size, int) or job.batch_size < 1):
+        raise GenerateError(f"--batch-size must be an integer >= 1 or 'auto', got {job.batch_size!r}")
     if job.clips < 1:
         raise GenerateError(f"--clips must be >= 1, got {job.clips}")
     if job.fmt not in FORMATS:
@@ -227,6 +227,8 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
             "first-frame instruction; its slot in c_image is zeros (use --t2i-model DIR to make one from the text)")
     t2i = _load_t2i(job.t2i_model, device, dtype) if (missing_first and job.t2i_model) else None
 
+    if job.batch_size == "auto":
+        job.batch_size = auto_batch_size(pipe, settings, limit=max(1, len(todo)), log=log)
     manifest = out / ("manifest.jsonl" if world == 1 else f"manifest.rank{rank}.jsonl")
     ext = "" if job.fmt == "png" else f".{job.fmt}"
     records: list[dict] = []
@@ -300,6 +302,38 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
     elif any(out.glob("manifest.rank*.jsonl")):  # parts left by an interrupted multi-process run
         merge_manifests(out)
     return records
+
+
+def auto_batch_size(pipe, settings: SampleSettings, limit: int, log: Callable[[str], None],
+                    headroom: float = 0.9) -> int:
+    """The largest power-of-two batch (<= limit) whose denoising step + decode fit in `headroom` of the
+    GPU's memory, found by running one step of each candidate and reading the allocator's peak. On the
+    CPU there is nothing to measure: 1."""
+    import torch
+
+    if pipe.device.type != "cuda":
+        log("--batch-size auto: no GPU memory to size against on the CPU; using 1")
+        return 1
+    total = torch.cuda.get_device_properties(pipe.device).total_memory
+    probe = SampleSettings(**{**asdict(settings), "steps": 1})
+    best, b = 1, 1
+    while b <= limit:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+        try:
+            lat = pipe.sample_clip(["probe"] * b, [None] * b, [None] * b,
+                                   [torch.Generator().manual_seed(0) for _ in range(b)], probe, static=False)
+            pipe.decode(lat)
+        except torch.OutOfMemoryError:
+            break
+        peak = torch.cuda.max_memory_allocated(pipe.device)
+        log(f"--batch-size auto: batch {b} peaks at {peak / 2**30:.2f} GiB of {total / 2**30:.1f} GiB")
+        if peak > headroom * total:
+            break
+        best, b = b, b * 2
+    torch.cuda.empty_cache()
+    log(f"--batch-size auto: using {best}")
+    return best
 
 
 def _load_t2i(path: str, device: str, dtype):

@@ -228,6 +228,8 @@ class PixelDancePipeline:
             )
         for m in (unet, vae, text_encoder):
             m.requires_grad_(False).eval().to(device)
+        if device.type == "cuda":
+            vae.to(memory_format=torch.channels_last)
         return cls(unet, vae, text_encoder, tokenizer, scheduler_config, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ encoders
@@ -261,7 +263,9 @@ class PixelDancePipeline:
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         flat = flat / self.scaling_factor + self.shift_factor
-        out = [self.vae.decode(chunk.to(self.dtype)).sample.float()
+        # channels_last on CUDA: cuDNN's convolutions in the VAE decoder run NHWC kernels without transposes.
+        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        out = [self.vae.decode(chunk.to(self.dtype).contiguous(memory_format=fmt)).sample.float()
                for chunk in flat.split(max(1, frames_per_chunk))]
         video = torch.cat(out)
         return video.reshape(b, f, *video.shape[1:]).permute(0, 2, 1, 3, 4)

@@ -270,3 +270,13 @@ def test_torchrun_two_processes_write_the_same_videos(tiny_pipeline_dir, tmp_pat
         # this one with several), i.e. at most one uint8 level on a few pixels.
         diff = np.abs(a[i].astype(int) - b[i].astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (i, diff.max(), (diff > 0).mean())
+
+
+def test_batch_size_auto_on_cpu_and_bad_value(tiny_pipeline_dir, tmp_path):
+    result = run("generate", "x", "y", "--model", tiny_pipeline_dir, *FAST, "--batch-size", "auto",
+                 "--out", tmp_path / "o")
+    assert "--batch-size auto: no GPU memory to size against on the CPU; using 1" in result.output
+    assert len((tmp_path / "o" / "manifest.jsonl").read_text().splitlines()) == 2
+    result = run("generate", "x", "--model", tiny_pipeline_dir, "--batch-size", "many", "--out", tmp_path / "p",
+                 ok=False)
+    assert result.exit_code != 0 and "--batch-size must be an integer or 'auto'" in result.output
