@@ -149,6 +149,31 @@ def bench_kernels(device, json_path, csv_path, families, quick):
     click.echo(f"{len(rows)} rows ({len(failed)} failed)" + (f"; JSON: {json_path}" if json_path else ""))
 
 
+@bench.command("sample", context_settings=CONTEXT)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="cuda: time the samplers side by side; cpu: FLOPs, launches and bytes per step (no timing).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="CSV path [default: beside --json].")
+@click.option("--batch", "batches", multiple=True, type=int, help="Videos per batch (repeatable).  [default: 1 8 16]")
+@click.option("--steps", default=50, help="DDIM steps.")
+def bench_sample(device, json_path, csv_path, batches, steps):
+    """End-to-end sampling of the pixeldance preset (16x256x256, CFG 7.5) vs diffusers."""
+    from pathlib import Path
+
+    from pdengine.bench.sample import run_sample_bench
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run_sample_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
+                            list(batches) or None, steps)
+    for r in rows:
+        keys = [k for k in ("provider", "batch", "status", "seconds_per_video", "videos_per_s", "mfu",
+                            "unet_gflops_per_video", "launches_per_step_eager", "gb_per_step") if k in r]
+        click.echo("  ".join(f"{k}={r[k]}" for k in keys))
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(as_json):

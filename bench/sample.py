@@ -1,0 +1,231 @@
+"""`pdengine bench sample`: end-to-end sampling of the `pixeldance` preset, side by side.
+
+On a GPU (one run, same weights, same schedule, bf16): our static sampler with and without a CUDA graph,
+diffusers' `UNet3DConditionModel` in a diffusers-style loop (eager, SDPA), and the same under
+`torch.compile(mode="max-autotune")`; seconds per video, videos/s, UNet FLOPs, MFU against the bf16
+matmul peak measured in the same run, peak memory, NVML clocks/power, compile/capture time.
+
+On the CPU (no timing, and nothing claimed about speed): proxies counted on `meta` tensors — UNet FLOPs
+per video (torch.utils.flop_counter), aten ops per denoising step (= kernel launches of an eager step;
+a captured graph replays them as one launch) and bytes per step (every aten op's inputs and outputs,
+`bench.common.count_bytes`), for our step and for the diffusers UNet step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import count_bytes, env_info
+
+FRAMES, LATENT, TEXT_LEN = 16, 32, 77
+
+
+def _unet_config() -> dict:
+    from pdengine.model import preset_config
+
+    return preset_config("pixeldance")
+
+
+def _diffusers_unet(cfg: dict, device, dtype):
+    from diffusers import UNet3DConditionModel
+
+    fields = {k: v for k, v in cfg.items() if k != "sample_size"}
+    with torch.device(device):
+        return UNet3DConditionModel(**fields).to(dtype).eval()
+
+
+def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
+    """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent), counted
+    on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pdengine.model import UNet3D
+
+    cfg = _unet_config()
+    with torch.device("meta"):
+        unet = UNet3D(cfg).eval()
+        x = torch.empty(batch, cfg["in_channels"], frames, latent, latent)
+        t = torch.zeros(batch, dtype=torch.long)
+        ctx = torch.empty(batch, TEXT_LEN, cfg["cross_attention_dim"])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        unet(x, t, ctx)
+    return counter.get_total_flops()
+
+
+def _meta_step_counts(batch: int) -> dict[str, dict[str, int]]:
+    """aten ops and bytes of one CFG denoising step (UNet on [uncond; cond] + combine + update), ours
+    (static step with cached conditioning) vs the diffusers UNet with c_image concatenated."""
+    from pdengine.engine.graph_sampler import Bucket, StaticSampler
+    from pdengine.engine.schedulers import default_scheduler
+    from pdengine.model import UNet3D
+
+    cfg = _unet_config()
+    c = cfg["out_channels"]
+    dt = torch.bfloat16
+    with torch.device("meta"):
+        unet = UNet3D(cfg).to(dt).eval()
+    sched = default_scheduler("ddim")
+    sched.set_timesteps(50, device="meta")
+    bucket = Bucket(batch, c, FRAMES, LATENT, LATENT, TEXT_LEN, cfg["cross_attention_dim"], dt, 50, "ddim", 0.0, True)
+    sampler = StaticSampler(unet, sched, bucket, torch.device("meta"), use_graph=False, fused_update=False)
+    with torch.no_grad():
+        ours_bytes, ours_ops = count_bytes(sampler._step)
+
+    ref = _diffusers_unet(cfg, "meta", dt)
+    x = torch.empty(batch, c, FRAMES, LATENT, LATENT, device="meta", dtype=dt)
+    c_image = torch.empty_like(x)
+    ctx = torch.empty(2 * batch, TEXT_LEN, cfg["cross_attention_dim"], device="meta", dtype=dt)
+    t = torch.zeros((), dtype=torch.long, device="meta")
+
+    def diffusers_step():
+        inp = torch.cat([x, c_image], dim=1)
+        eps = ref(torch.cat([inp, inp]), t, encoder_hidden_states=ctx).sample
+        u, cnd = eps.chunk(2)
+        eps = u + 7.5 * (cnd - u)
+        # DDIM eta 0 update (diffusers' step does these elementwise ops on host-indexed scalars).
+        x0 = (x - 0.1 * eps) / 0.9
+        return 0.95 * x0 + 0.3 * eps
+
+    with torch.no_grad():
+        ref_bytes, ref_ops = count_bytes(diffusers_step)
+    return {"ours": {"bytes": ours_bytes, "ops": ours_ops}, "diffusers": {"bytes": ref_bytes, "ops": ref_ops}}
+
+
+def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
+    rows = []
+    for b in batches:
+        flops_step = unet_flops(2 * b)  # CFG: the UNet runs on [uncond; cond]
+        counts = _meta_step_counts(b)
+        # Our row counts the torch backend's step (the reference path: Triton kernels cannot run on meta
+        # tensors); the fused kernels' own byte counts are in `pdengine bench kernels --device cpu`.
+        for provider, key in (("pdengine_torch_backend", "ours"), ("diffusers", "diffusers")):
+            rows.append({
+                "bench": "sample", "provider": provider, "device": "cpu", "batch": b, "steps": steps,
+                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
+                "unet_gflops_per_video": round(flops_step * steps / b / 1e9, 1),
+                "unet_gflop_per_frame_per_pass": round(flops_step / (2 * b) / FRAMES / 1e9, 1),
+                "launches_per_step_eager": counts[key]["ops"],
+                "gb_per_step": round(counts[key]["bytes"] / 1e9, 2),
+            })
+    return rows
+
+
+def _gpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma: no cover - needs a GPU
+    from pdengine.model import UNet3D
+
+    from .common import measure_peaks
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    cfg = _unet_config()
+    peaks = measure_peaks("cuda")
+    torch.manual_seed(0)
+    ours = UNet3D(cfg, backend="auto").to(dev, dt).eval()
+    ref = _diffusers_unet(cfg, dev, dt)
+    ref.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ref, mode="max-autotune")
+    rows = []
+    for b in batches:
+        rows += _gpu_batch_rows(b, steps, cfg, ours, ref, compiled, peaks)
+    return rows
+
+
+def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -> list[dict]:  # pragma: no cover
+    import time
+
+    from diffusers import DDIMScheduler as DiffusersDDIM
+
+    from pdengine.engine.graph_sampler import Bucket, StaticSampler
+    from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
+
+    from .common import nvml_index, nvml_snapshot
+
+    dev, dt, c = torch.device("cuda"), torch.bfloat16, cfg["out_channels"]
+    flops = unet_flops(2 * b) * steps
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x_t = torch.randn(b, c, FRAMES, LATENT, LATENT, device=dev, dtype=dt, generator=gen)
+    c_first = torch.zeros_like(x_t)
+    c_first[:, :, 0] = torch.randn(b, c, LATENT, LATENT, device=dev, dtype=dt, generator=gen)
+    c_last = torch.zeros_like(x_t)
+    text = torch.randn(b, TEXT_LEN, cfg["cross_attention_dim"], device=dev, dtype=dt, generator=gen)
+    uncond = torch.randn_like(text)
+    has_last = torch.zeros(b, dtype=torch.bool, device=dev)
+
+    def static_sampler(use_graph: bool) -> StaticSampler:
+        sched = load_scheduler(SD_SCHEDULE, kind="ddim")
+        sched.set_timesteps(steps, device=dev)
+        bucket = Bucket(b, c, FRAMES, LATENT, LATENT, TEXT_LEN, cfg["cross_attention_dim"], dt, steps, "ddim", 0.0, True)
+        return StaticSampler(ours, sched, bucket, dev, use_graph=use_graph)
+
+    samplers = {True: static_sampler(True), False: static_sampler(False)}
+
+    def ours_run(use_graph: bool):
+        with torch.no_grad():
+            return samplers[use_graph].run(x_t, text, uncond, ours.condition_features(c_first),
+                                           ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)
+
+    def diffusers_run(model):
+        sched = DiffusersDDIM.from_config(SD_SCHEDULE)
+        sched.set_timesteps(steps, device=dev)
+        x, ctx = x_t.clone(), torch.cat([uncond, text])
+        with torch.no_grad():
+            for t in sched.timesteps:
+                inp = torch.cat([x, c_first], dim=1)
+                eps = model(torch.cat([inp, inp]), t, encoder_hidden_states=ctx).sample
+                u, cnd = eps.chunk(2)
+                x = sched.step(u + 7.5 * (cnd - u), t, x).prev_sample
+        return x
+
+    providers = {
+        "pdengine_graph": lambda: ours_run(True),
+        "pdengine_eager": lambda: ours_run(False),
+        "diffusers_eager": lambda: diffusers_run(ref),
+        "diffusers_compile": lambda: diffusers_run(compiled),
+    }
+    rows = []
+    for name, fn in providers.items():
+        row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
+                               "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            fn()  # first call: capture / compile / warm-up, reported apart
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            sec = time.perf_counter() - t0
+            row.update({
+                "status": "ok", "seconds_per_video": sec / b, "videos_per_s": b / sec,
+                "first_call_overhead_s": max(0.0, first - sec), "unet_tflops": flops / sec / 1e12,
+                "mfu": flops / sec / 1e12 / peaks["peak_tflops"],
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **nvml_snapshot(nvml_index(0)),
+            })
+        except Exception as e:  # a failing provider is an explicit row, never a missing one
+            row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+        rows.append(row)
+    return rows
+
+
+def run_sample_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
+                     batches: list[int] | None = None, steps: int = 50) -> list[dict[str, Any]]:
+    batches = batches or [1, 8, 16]
+    rows = _gpu_rows(batches, steps) if device == "cuda" else _cpu_rows(batches, steps)
+    stamp = env_info(device)
+    rows = [{**r, **stamp} for r in rows]
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        csv_path = csv_path or json_path.with_suffix(".csv")
+    if csv_path is not None:
+        keys = sorted({k for r in rows for k in r})
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
