@@ -97,14 +97,10 @@ def parse_resource_usage(text: str) -> dict[str, int]:
     return out
 
 
-def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> CompileReport:
-    """Compile `spec` for sm_`arch` and report its resource usage and tensor-core instruction count."""
+def _compile_here(spec: CompileSpec, arch: int) -> CompileReport:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    cache_file = _cache_dir() / f"{spec.name}-sm{arch}-{_key(spec, arch)}.json"
-    if use_cache and cache_file.is_file():
-        return CompileReport(**json.loads(cache_file.read_text()))
     src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -117,17 +113,72 @@ def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> Compil
         sass = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     res = parse_resource_usage(usage)
-    report = CompileReport(
+    return CompileReport(
         name=spec.name, arch=arch, registers=res["REG"], stack_bytes=res["STACK"], local_bytes=res["LOCAL"],
         shared_bytes=max(res["SHARED"], int(getattr(kernel.metadata, "shared", 0) or 0)),
         mma_instructions=len(_MMA.findall(sass)), expects_mma=spec.expects_mma,
         extra={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
     )
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp_file = cache_file.with_suffix(".tmp")
-    tmp_file.write_text(json.dumps(asdict(report)))
-    tmp_file.replace(cache_file)
-    return report
+
+
+def _module_of(spec: CompileSpec) -> str:
+    return getattr(spec.fn, "fn", spec.fn).__module__
+
+
+_CHILD = """
+import json, sys, importlib
+from dataclasses import asdict
+from pdengine.kernels.compile_check import _compile_here
+jobs = json.loads(sys.stdin.read())
+specs = {}
+out = []
+for module, name, arch in jobs:
+    if module not in specs:
+        specs[module] = {s.name: s for s in importlib.import_module(module).compile_specs()}
+    out.append(asdict(_compile_here(specs[module][name], arch)))
+print(json.dumps(out))
+"""
+
+
+def compile_all(specs: list[CompileSpec], archs: tuple[int, ...] = ARCHS, use_cache: bool = True) -> list[CompileReport]:
+    """Compile every spec for every arch (cached). Under the Triton interpreter (`TRITON_INTERPRET=1`, the
+    CPU test setting) `@triton.jit` yields interpreted functions that cannot be compiled, so the work
+    runs in one child process with the interpreter off, which re-imports the kernel modules and finds the
+    specs by name (spec names must be unique within a module)."""
+    reports: dict[tuple[str, int], CompileReport] = {}
+    todo: list[tuple[CompileSpec, int, Path]] = []
+    for spec in specs:
+        for arch in archs:
+            cache_file = _cache_dir() / f"{spec.name}-sm{arch}-{_key(spec, arch)}.json"
+            if use_cache and cache_file.is_file():
+                reports[(spec.name, arch)] = CompileReport(**json.loads(cache_file.read_text()))
+            else:
+                todo.append((spec, arch, cache_file))
+    if todo:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            import sys
+
+            jobs = [[_module_of(spec), spec.name, arch] for spec, arch, _ in todo]
+            env = {**os.environ, "TRITON_INTERPRET": "0"}
+            proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs), capture_output=True,
+                                  text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"compile check child process failed:\n{proc.stderr[-4000:]}")
+            made = [CompileReport(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+        else:
+            made = [_compile_here(spec, arch) for spec, arch, _ in todo]
+        for (spec, arch, cache_file), report in zip(todo, made):
+            reports[(spec.name, arch)] = report
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp_file = cache_file.with_suffix(f".tmp{os.getpid()}")
+            tmp_file.write_text(json.dumps(asdict(report)))
+            tmp_file.replace(cache_file)
+    return [reports[(spec.name, arch)] for spec in specs for arch in archs]
+
+
+def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> CompileReport:
+    """Compile `spec` for sm_`arch` and report its resource usage and tensor-core instruction count."""
+    return compile_all([spec], (arch,), use_cache)[0]
 
 
 def all_specs() -> list[CompileSpec]:
