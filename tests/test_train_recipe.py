@@ -92,3 +92,15 @@ def test_training_loss_is_the_mse_and_backpropagates():
     assert_close(loss, expected, name="loss")
     loss.backward()
     assert unet.conv_in.weight.grad is not None and unet.conv_in.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("perturb,f", [("instructions", 5), ("last", 3), ("none", 2), ("instructions", 1)])
+def test_fused_input_kernel_equals_the_reference(perturb, f):
+    """The Triton training-input kernel (interpreter on CPU) consumes the same draws as the reference."""
+    z0, text, uncond = _batch(b=3, f=f)
+    cfg = RecipeConfig(perturb=perturb, eta=0.5)
+    ref = training_inputs(z0, text, uncond, ABAR, cfg, torch.Generator().manual_seed(9))
+    fused = training_inputs(z0, text, uncond, ABAR, cfg, torch.Generator().manual_seed(9), use_kernel=True)
+    assert_close(fused.unet_input, ref.unet_input, name="unet input")
+    assert torch.equal(fused.target, ref.target) and torch.equal(fused.timesteps, ref.timesteps)
+    assert torch.equal(fused.keep_last, ref.keep_last) and torch.equal(fused.context, ref.context)

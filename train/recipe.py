@@ -79,11 +79,15 @@ def training_inputs(
     alphas_cumprod: torch.Tensor,
     cfg: RecipeConfig,
     gen: torch.Generator,
+    use_kernel: bool = False,
 ) -> TrainingInputs:
-    """Draw everything one training step needs and build the UNet input (reference PyTorch path).
+    """Draw everything one training step needs and build the UNet input.
 
     z0 (B, C, F, h, w) scaled VAE latents; text (B, L, D); uncond (L, D) the empty prompt's embedding;
     alphas_cumprod (T,) of the training schedule; gen a CPU generator (the only source of randomness).
+    `use_kernel`: build the UNet input with the fused Triton kernel (`concat_condition_train`: z_t, the
+    perturbed instruction slots and the eta drop in one pass, c_image never materialised) instead of the
+    PyTorch reference; both consume the same draws and agree to fp32 rounding.
     """
     if z0.ndim != 5:
         raise ValueError(f"z0 must be (B, C, F, h, w), got {tuple(z0.shape)}")
@@ -105,10 +109,22 @@ def training_inputs(
     noise_last = _randn((b, c, h, w), gen, z0)
 
     t_dev = t.to(device)
+    context = torch.where(text_kept.to(device).reshape(b, 1, 1), text, uncond.to(text.dtype).expand_as(text))
+    if use_kernel and f > 1:  # image batches (F = 1) have no instruction slots: the reference path below
+        from pdengine.kernels.concat_cond import concat_condition_train
+
+        last = z0[torch.arange(b, device=device), :, last_idx.to(device)]
+        unet_input = concat_condition_train(
+            z0, eps.to(z0.dtype), t_dev, abar, z0[:, :, 0], last, keep_last.to(device),
+            cond_noise_first=noise_first.to(z0.dtype) if cfg.perturb == "instructions" else None,
+            cond_noise_last=noise_last.to(z0.dtype) if cfg.perturb in ("instructions", "last") else None,
+            cond_timestep=cfg.cond_timestep,
+        )
+        return TrainingInputs(unet_input, t_dev, context, eps.to(z0.dtype), keep_last.to(device),
+                              text_kept.to(device))
+
     a = abar[t_dev].reshape(b, 1, 1, 1, 1)
     z_t = a.sqrt() * z0.float() + (1 - a).sqrt() * eps
-
-    context = torch.where(text_kept.to(device).reshape(b, 1, 1), text, uncond.to(text.dtype).expand_as(text))
     if f == 1:  # image batch: no instructions
         c_image = torch.zeros_like(z_t)
         keep_last = torch.zeros(b, dtype=torch.bool)
@@ -128,8 +144,14 @@ def training_inputs(
 
 
 def training_loss(unet: torch.nn.Module, z0: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
-                  alphas_cumprod: torch.Tensor, cfg: RecipeConfig, gen: torch.Generator) -> torch.Tensor:
-    """MSE between the UNet's noise prediction and the true noise (fp32 loss)."""
-    inputs = training_inputs(z0, text, uncond, alphas_cumprod, cfg, gen)
+                  alphas_cumprod: torch.Tensor, cfg: RecipeConfig, gen: torch.Generator,
+                  use_kernel: bool | None = None) -> torch.Tensor:
+    """MSE between the UNet's noise prediction and the true noise (fp32 loss). `use_kernel` None: the
+    fused input kernel when the UNet's backend runs kernels for these tensors (CUDA with "auto")."""
+    if use_kernel is None:
+        from pdengine.model.layers import use_kernels
+
+        use_kernel = use_kernels(getattr(unet, "backend", "torch"), z0)
+    inputs = training_inputs(z0, text, uncond, alphas_cumprod, cfg, gen, use_kernel=use_kernel)
     pred = unet(inputs.unet_input, inputs.timesteps, inputs.context)
     return F.mse_loss(pred.float(), inputs.target.float())
