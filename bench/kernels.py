@@ -1,0 +1,786 @@
+"""`pdengine bench kernels`: each Triton kernel family at the `pixeldance` shapes beside its references.
+
+Providers (one row each, per shape and direction):
+    triton         our kernel (`pdengine.kernels.<family>`)
+    torch_ref      the eager pure-PyTorch reference (`pdengine.kernels.<family>_ref`)
+    torch_compile  that reference under `torch.compile` (compile time reported apart, as `compile_s`)
+    diffusers      the diffusers layer doing the same job, where one exists
+
+Rows carry a `scope`. temporal_attention has two: "attention core" (our kernel vs the reference core,
+permute copies included) and "temporal transformer" (the whole temporal layer: our `TemporalTransformer`
+on the kernel or on PyTorch vs diffusers' `TransformerTemporalModel`); speedups compare rows of one scope
+only, so the whole diffusers layer is never set against the attention core alone.
+
+References run in the benchmark dtype (bf16): the attention reference with `upcast=False`.
+
+GPU (`device="cuda"`): median time by CUDA events with an L2 flush per rep; effective bandwidth = the
+kernel's modeled bytes (`bytes_modeled`, the same for every provider) / time; FLOP/s from FLOPs counted on the reference (`FlopCounterMode`, GEMM/attention
+FLOPs), percentages of peaks measured in the same run, NVML clocks/temperature/power after each row.
+CPU (`device="cpu"`): no timing and no kernel launches. `bytes_fused` (the kernel module's
+`modeled_bytes`) against `bytes_reference` counted on `meta` tensors of the full shape by
+`bench.common.count_bytes`, and the compile statistics of every `compile_specs()` entry for sm80/sm90.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import inspect
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import (
+    FusedSDPAOnMeta,
+    count_bytes,
+    env_info,
+    measure_peaks,
+    nvml_index,
+    nvml_snapshot,
+    time_cuda,
+    wall_seconds,
+)
+from .plot import write_plot
+
+FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update")
+DIRECTIONS_WITH_BACKWARD = ("fwd", "bwd", "fwd+bwd")
+FRAMES = 16
+LEVELS = ((32, 320), (16, 640), (8, 1280), (4, 1280))  # (H = W, channels) of the UNet levels, 32x32 latent
+QUICK_LEVELS = ((32, 320), (8, 1280))  # the top level and one deeper level
+HEAD_DIM = 64
+GROUPS = 32
+TRANSFORMER_IN_HEADS = 8  # the UNet's `transformer_in`: 8 heads of 64 on C = 320 (full runs only)
+LATENT_CHANNELS = 4
+LATENT_SIZE = 32
+VIDEOS = 1  # videos per batch; the UNet batch is 2x that (classifier-free guidance)
+DDIM_STEPS, DDIM_STEP_INDEX = 50, 10  # the denoising step the latent-update rows use
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Leading CSV columns; the rest follow sorted.
+CSV_LEAD = ["kernel", "provider", "scope", "shape", "direction", "dtype", "device", "status", "median_ms", "gbps",
+            "tflops", "pct_peak_bw", "pct_peak_flops", "speedup_vs_torch_ref", "speedup_vs_diffusers",
+            "bytes_fused", "bytes_reference", "bytes_ratio", "aten_ops", "arch"]
+
+
+@dataclass
+class Workload:
+    """One provider ready to run: `fwd()` computes the output; gradients are taken w.r.t. `grad_inputs`;
+    `setup()` (if any) restores state an in-place provider changed, before every timed rep."""
+
+    fwd: Callable[[], Any]
+    grad_inputs: list[torch.Tensor] = field(default_factory=list)
+    setup: Callable[[], Any] | None = None
+
+
+@dataclass
+class Case:
+    """One problem of one family: builds its shared tensors on a device and a workload per provider."""
+
+    kernel: str
+    shape: str
+    scope: str
+    directions: tuple[str, ...]
+    make_inputs: Callable[[str, torch.dtype], dict[str, Any]]
+    providers: dict[str, Callable[[dict[str, Any]], Workload]]
+    modeled: Callable[[torch.dtype], Any] | None  # the kernel's modeled bytes; None: no fused model
+    flops_from: str = "torch_ref"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _error(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    msg = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return "error: " + (msg if len(msg) <= 300 else msg[:297] + "...")
+
+
+def _output_tensor(out: Any) -> torch.Tensor:
+    """The tensor a provider returned (diffusers returns output objects or tuples)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    for name in ("sample", "prev_sample"):
+        if isinstance(getattr(out, name, None), torch.Tensor):
+            return getattr(out, name)
+    raise TypeError(f"provider returned {type(out).__name__}, not a tensor")
+
+
+def _randomize_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Seeded random parameters of a realistic scale: the layers' zero-initialised output convs/projections
+    would otherwise make the outputs trivial (the identity), which hides wrong results."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            elif name.endswith("weight"):  # normalisation scales
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.1)
+    return module
+
+
+def _cast(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    # nn.Module.to, not diffusers' ModelMixin.to: the latter warns on every cast to a low-precision dtype.
+    return torch.nn.Module.to(module, dtype=dtype).eval()
+
+
+def _modeled_directions(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`modeled_bytes(...)` as returned (a number or a dict per direction); a function with a `backward`
+    flag instead gives {"fwd": ..., "bwd": ...}."""
+    res = fn(*args, **kwargs)
+    if isinstance(res, dict) or "backward" not in inspect.signature(fn).parameters:
+        return res
+    return {"fwd": res, "bwd": fn(*args, backward=True, **kwargs)}
+
+
+def _modeled_for(modeled: Any, direction: str) -> int:
+    """The modeled bytes of one direction from `modeled_bytes(...)`'s number (forward only) or dict."""
+    if isinstance(modeled, dict):
+        if direction == "fwd+bwd" and "fwd+bwd" not in modeled:
+            return int(modeled["fwd"]) + int(modeled["bwd"])
+        if direction not in modeled:
+            raise KeyError(f"modeled_bytes gives no {direction!r} entry (keys: {sorted(modeled)})")
+        return int(modeled[direction])
+    if direction != "fwd":
+        raise ValueError(f"modeled_bytes returns one number (the forward); there is no {direction} model")
+    return int(modeled)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# temporal_conv
+
+
+def _temporal_conv_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) -> list[Case]:
+    cases = []
+    for size, channels in levels:
+        b = 2 * videos
+
+        def make(device: str, dtype: torch.dtype, size=size, channels=channels, b=b) -> dict[str, Any]:
+            from diffusers.models.resnet import TemporalConvLayer
+
+            with torch.device(device):
+                layer = TemporalConvLayer(channels, channels, dropout=0.1, norm_num_groups=GROUPS)
+            layer = _cast(_randomize_(layer, 0), dtype)
+            stages = (layer.conv1, layer.conv2, layer.conv3, layer.conv4)
+            x = torch.randn(b * frames, channels, size, size, device=device, dtype=dtype, requires_grad=True)
+            return {
+                "x": x, "frames": frames, "layer": layer, "eps": layer.conv1[0].eps,
+                "norms": [(s[0].weight, s[0].bias) for s in stages],
+                "convs": [(s[-1].weight, s[-1].bias) for s in stages],
+                "grad_inputs": [x, *layer.parameters()],
+            }
+
+        def modeled(dtype: torch.dtype, size=size, channels=channels, b=b) -> Any:
+            from pdengine.kernels.temporal_conv import modeled_bytes
+
+            return _modeled_directions(modeled_bytes, b, frames, channels, size, size, dtype)
+
+        cases.append(Case(
+            "temporal_conv", f"B{b}xF{frames} C{channels} {size}x{size}", "layer", DIRECTIONS_WITH_BACKWARD,
+            make, {"triton": _conv_triton, "torch_ref": _conv_ref, "torch_compile": _conv_compile,
+                   "diffusers": _conv_diffusers}, modeled))
+    return cases
+
+
+def _conv_args(s: dict[str, Any]) -> tuple[tuple, dict]:
+    return (s["x"], s["frames"], s["norms"], s["convs"]), {"groups": GROUPS, "eps": s["eps"]}
+
+
+def _conv_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.temporal_conv import temporal_conv_block
+
+    args, kwargs = _conv_args(s)
+    return Workload(lambda: temporal_conv_block(*args, **kwargs), s["grad_inputs"])
+
+
+def _conv_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.temporal_conv_ref import temporal_conv_block_ref
+
+    fn = torch.compile(temporal_conv_block_ref, dynamic=False) if compile else temporal_conv_block_ref
+    args, kwargs = _conv_args(s)
+    return Workload(lambda: fn(*args, **kwargs), s["grad_inputs"])
+
+
+def _conv_compile(s: dict[str, Any]) -> Workload:
+    return _conv_ref(s, compile=True)
+
+
+def _conv_diffusers(s: dict[str, Any]) -> Workload:
+    layer, x, frames = s["layer"], s["x"], s["frames"]
+    return Workload(lambda: layer(x, num_frames=frames), s["grad_inputs"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# temporal_attention
+
+
+def _attention_levels(levels: Iterable[tuple[int, int]], quick: bool) -> list[tuple[int, int, int]]:
+    """(H = W, channels, heads): heads = C / 64 at every level, plus `transformer_in` in full runs."""
+    out = [(size, channels, channels // HEAD_DIM) for size, channels in levels]
+    if not quick:
+        out.insert(1, (LATENT_SIZE, 320, TRANSFORMER_IN_HEADS))
+    return out
+
+
+def _temporal_attention_cases(levels: list[tuple[int, int, int]], videos: int, frames: int) -> list[Case]:
+    cases = []
+    for size, channels, heads in levels:
+        b, p = 2 * videos, size * size
+
+        def make_core(device: str, dtype: torch.dtype, p=p, heads=heads, b=b) -> dict[str, Any]:
+            # q/k/v are column slices of one fused projection output, as the model passes them.
+            torch.manual_seed(0)
+            inner = heads * HEAD_DIM
+            qkv = torch.randn(b * frames * p, 3 * inner, device=device, dtype=dtype, requires_grad=True)
+            return {"q": qkv[:, :inner], "k": qkv[:, inner:2 * inner], "v": qkv[:, 2 * inner:],
+                    "frames": frames, "heads": heads, "pixels": p, "grad_inputs": [qkv]}
+
+        def make_layer(device: str, dtype: torch.dtype, size=size, channels=channels, heads=heads, b=b):
+            from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+            from pdengine.model.layers import TemporalTransformer
+
+            with torch.device(device):
+                theirs = TransformerTemporalModel(num_attention_heads=heads, attention_head_dim=HEAD_DIM,
+                                                  in_channels=channels, norm_num_groups=GROUPS)
+                ours = TemporalTransformer(channels, heads, HEAD_DIM, GROUPS, backend="torch")
+            theirs = _cast(_randomize_(theirs, 0), dtype)
+            ours = _cast(ours, dtype)
+            ours.load_state_dict(theirs.state_dict(), strict=True)
+            x = torch.randn(b * frames, channels, size, size, device=device, dtype=dtype, requires_grad=True)
+            return {"x": x, "frames": frames, "diffusers": theirs, "ours": ours,
+                    "grad_inputs": [x, *theirs.parameters()], "grad_inputs_ours": [x, *ours.parameters()]}
+
+        def modeled(dtype: torch.dtype, p=p, heads=heads, b=b) -> Any:
+            from pdengine.kernels.temporal_attention import modeled_bytes
+
+            return _modeled_directions(modeled_bytes, b, frames, p, heads, HEAD_DIM, dtype)
+
+        cases.append(Case(
+            "temporal_attention", f"B{b} F{frames} P{p} h{heads}xd{HEAD_DIM}", "attention core",
+            DIRECTIONS_WITH_BACKWARD, make_core,
+            {"triton": _attn_triton, "torch_ref": _attn_ref, "torch_compile": _attn_compile}, modeled))
+        cases.append(Case(
+            "temporal_attention", f"B{b}xF{frames} C{channels} {size}x{size} h{heads}", "temporal transformer",
+            DIRECTIONS_WITH_BACKWARD, make_layer,
+            {"triton": _tt_triton, "torch_ref": _tt_torch, "diffusers": _tt_diffusers}, None))
+    return cases
+
+
+def _attn_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.temporal_attention import temporal_attention
+
+    q, k, v, frames, heads, p = s["q"], s["k"], s["v"], s["frames"], s["heads"], s["pixels"]
+    return Workload(lambda: temporal_attention(q, k, v, frames, heads, pixels=p), s["grad_inputs"])
+
+
+def _attn_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.temporal_attention_ref import temporal_attention_ref
+
+    fn = torch.compile(temporal_attention_ref, dynamic=False) if compile else temporal_attention_ref
+    q, k, v, frames, heads, p = s["q"], s["k"], s["v"], s["frames"], s["heads"], s["pixels"]
+    # upcast=False: the reference in the kernel's own dtype (its fp32 mode is a numerics yardstick, not a
+    # speed baseline).
+    return Workload(lambda: fn(q, k, v, frames, heads, pixels=p, upcast=False), s["grad_inputs"])
+
+
+def _attn_compile(s: dict[str, Any]) -> Workload:
+    return _attn_ref(s, compile=True)
+
+
+def _tt_triton(s: dict[str, Any]) -> Workload:
+    layer, x, frames = s["ours"], s["x"], s["frames"]
+    # The layer's kernel path directly: its backend switch refuses non-CUDA tensors, and this provider
+    # is only ever timed on CUDA.
+    return Workload(lambda: layer._forward_kernels(x, frames), s["grad_inputs_ours"])
+
+
+def _tt_torch(s: dict[str, Any]) -> Workload:
+    layer, x, frames = s["ours"], s["x"], s["frames"]
+    return Workload(lambda: layer(x, frames), s["grad_inputs_ours"])
+
+
+def _tt_diffusers(s: dict[str, Any]) -> Workload:
+    layer, x, frames = s["diffusers"], s["x"], s["frames"]
+    return Workload(lambda: layer(x, num_frames=frames, return_dict=False)[0], s["grad_inputs"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# concat_cond
+
+
+def _concat_cond_cases(videos: int, frames: int) -> list[Case]:
+    c, size = LATENT_CHANNELS, LATENT_SIZE
+
+    def make(device: str, dtype: torch.dtype) -> dict[str, Any]:
+        torch.manual_seed(0)
+        return {
+            "z_t": torch.randn(videos, c, frames, size, size, device=device, dtype=dtype),
+            "f_first": torch.randn(videos, c, size, size, device=device, dtype=dtype),
+            "f_last": torch.randn(videos, c, size, size, device=device, dtype=dtype),
+            "keep_last": torch.ones(videos, device=device, dtype=torch.bool),  # the tau rule's mask
+        }
+
+    def modeled(dtype: torch.dtype) -> Any:
+        from pdengine.kernels.concat_cond import modeled_bytes
+
+        return modeled_bytes((videos, c, frames, size, size), dtype, repeat=2)
+
+    shape = f"B{videos} C{c} F{frames} {size}x{size} repeat2"
+    return [Case("concat_cond", shape, "kernel", ("fwd",), make,
+                 {"triton": _concat_triton, "torch_ref": _concat_ref, "torch_compile": _concat_compile}, modeled)]
+
+
+def _concat_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.concat_cond import concat_condition
+
+    return Workload(lambda: concat_condition(s["z_t"], s["f_first"], s["f_last"], s["keep_last"], repeat=2))
+
+
+def _concat_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.concat_cond_ref import concat_condition_ref
+
+    fn = torch.compile(concat_condition_ref, dynamic=False) if compile else concat_condition_ref
+    return Workload(lambda: fn(s["z_t"], s["f_first"], s["f_last"], s["keep_last"], repeat=2))
+
+
+def _concat_compile(s: dict[str, Any]) -> Workload:
+    return _concat_ref(s, compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# latent_update
+
+
+def _latent_update_cases(videos: int, frames: int) -> list[Case]:
+    c, size = LATENT_CHANNELS, LATENT_SIZE
+
+    def make(device: str, dtype: torch.dtype) -> dict[str, Any]:
+        from diffusers import DDIMScheduler as DiffusersDDIM
+
+        from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
+
+        torch.manual_seed(0)
+        theirs = DiffusersDDIM.from_config(dict(SD_SCHEDULE))
+        theirs.set_timesteps(DDIM_STEPS)
+        ours = load_scheduler(dict(SD_SCHEDULE), kind="ddim")
+        coeff_device = "cpu" if device == "meta" else device
+        ours.set_timesteps(DDIM_STEPS, device=coeff_device)
+        coeffs = ours.coefficients(DDIM_STEP_INDEX).to(device)
+        x0 = torch.randn(videos, c, frames, size, size, device=device, dtype=dtype)
+        return {
+            "x0": x0, "x": x0.clone(),
+            "model_output": torch.randn(2 * videos, c, frames, size, size, device=device, dtype=dtype),
+            "coeffs": coeffs, "guidance": torch.tensor(7.5, device=device, dtype=torch.float32),
+            "guidance_float": 7.5, "scheduler": theirs, "timestep": int(theirs.timesteps[DDIM_STEP_INDEX]),
+        }
+
+    def modeled(dtype: torch.dtype) -> Any:
+        from pdengine.kernels.latent_update import modeled_bytes
+
+        return modeled_bytes((videos, c, frames, size, size), dtype)
+
+    shape = f"B{videos} C{c} F{frames} {size}x{size} cfg2"
+    return [Case("latent_update", shape, "kernel", ("fwd",), make,
+                 {"triton": _lu_triton, "torch_ref": _lu_ref, "torch_compile": _lu_compile,
+                  "diffusers": _lu_diffusers}, modeled)]
+
+
+def _lu_restore(s: dict[str, Any]) -> Callable[[], Any]:
+    return lambda: s["x"].copy_(s["x0"])
+
+
+def _lu_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.latent_update import latent_update_
+
+    def run() -> torch.Tensor:
+        latent_update_(s["x"], s["model_output"], s["coeffs"], s["guidance"])
+        return s["x"]
+
+    return Workload(run, setup=_lu_restore(s))
+
+
+def _lu_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.latent_update_ref import latent_update_ref
+
+    fn = torch.compile(latent_update_ref, dynamic=False) if compile else latent_update_ref
+    return Workload(lambda: fn(s["x"], s["model_output"], s["coeffs"], s["guidance"]), setup=_lu_restore(s))
+
+
+def _lu_compile(s: dict[str, Any]) -> Workload:
+    return _lu_ref(s, compile=True)
+
+
+def _lu_diffusers(s: dict[str, Any]) -> Workload:
+    sched, t, g = s["scheduler"], s["timestep"], s["guidance_float"]
+
+    def run() -> torch.Tensor:
+        # What a diffusers pipeline does per step: split the CFG batch, mix, then DDIMScheduler.step.
+        uncond, cond = s["model_output"].chunk(2)
+        eps = uncond + g * (cond - uncond)
+        return sched.step(eps, t, s["x"], return_dict=False)[0]
+
+    # x is shared with the in-place kernel: restore it before every call like the other providers.
+    return Workload(run, setup=_lu_restore(s))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cases
+
+
+def build_cases(families: Iterable[str], quick: bool, videos: int = VIDEOS, frames: int = FRAMES,
+                levels: Iterable[tuple[int, int]] | None = None) -> list[Case]:
+    """The benchmark problems of `families` at the pixeldance shapes (`levels` overrides the UNet levels)."""
+    lv = list(levels) if levels is not None else list(QUICK_LEVELS if quick else LEVELS)
+    cases: list[Case] = []
+    for fam in families:
+        if fam == "temporal_conv":
+            cases += _temporal_conv_cases(lv, videos, frames)
+        elif fam == "temporal_attention":
+            cases += _temporal_attention_cases(_attention_levels(lv, quick or levels is not None), videos, frames)
+        elif fam == "concat_cond":
+            cases += _concat_cond_cases(videos, frames)
+        elif fam == "latent_update":
+            cases += _latent_update_cases(videos, frames)
+        else:
+            raise ValueError(f"unknown kernel family {fam!r} (known: {', '.join(FAMILIES)})")
+    return cases
+
+
+def _row(case: Case, provider: str, direction: str, device: str, dtype: torch.dtype, env: dict[str, str],
+         status: str = "ok", **fields: Any) -> dict[str, Any]:
+    return {"kernel": case.kernel, "provider": provider, "scope": case.scope, "shape": case.shape,
+            "direction": direction, "dtype": DTYPE_NAMES[dtype], "device": device, "status": status,
+            **fields, **env}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CPU: modeled vs counted bytes, compile statistics
+
+
+def _count_direction(wl: Workload, direction: str) -> tuple[int, int]:
+    """(bytes, aten ops) the workload moves in `direction`, counted by dispatch (see bench.common)."""
+    if direction == "fwd":
+        with torch.no_grad():
+            return count_bytes(wl.fwd)
+    def backward(out: torch.Tensor) -> Any:
+        return torch.autograd.grad(out, wl.grad_inputs, torch.empty_like(out), allow_unused=True)
+
+    with torch.enable_grad():
+        if direction == "bwd":
+            with FusedSDPAOnMeta():  # the forward (not counted) must build the same graph as a counted one
+                out = _output_tensor(wl.fwd())
+            return count_bytes(backward, out)
+        return count_bytes(lambda: backward(_output_tensor(wl.fwd())))
+
+
+def _cpu_case_rows(case: Case, dtype: torch.dtype, env: dict[str, str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    counted = [p for p in ("torch_ref", "diffusers") if p in case.providers]
+    modeled: Any = None
+    modeled_error = ""
+    if case.modeled is not None:
+        try:
+            modeled = case.modeled(dtype)
+        except Exception as e:  # reported in the row, never hidden
+            modeled_error = _error(e)
+    try:
+        state = case.make_inputs("meta", dtype)
+    except Exception as e:  # reported in the row, never hidden
+        return [_row(case, p, d, "cpu", dtype, env, _error(e)) for p in counted for d in case.directions]
+    for provider in counted:
+        try:
+            wl = case.providers[provider](state)
+        except Exception as e:  # reported in the row, never hidden
+            rows += [_row(case, provider, d, "cpu", dtype, env, _error(e)) for d in case.directions]
+            continue
+        for direction in case.directions:
+            try:
+                nbytes, ops = _count_direction(wl, direction)
+            except Exception as e:  # reported in the row, never hidden
+                rows.append(_row(case, provider, direction, "cpu", dtype, env, _error(e)))
+                continue
+            fields: dict[str, Any] = {"bytes_reference": nbytes, "aten_ops": ops, "count_device": "meta"}
+            if case.modeled is None:
+                fields.update(bytes_fused=None, bytes_ratio=None,
+                              note="whole layer: no fused byte model; compare bytes_reference across providers")
+                rows.append(_row(case, provider, direction, "cpu", dtype, env, **fields))
+                continue
+            if modeled_error:
+                rows.append(_row(case, provider, direction, "cpu", dtype, env, modeled_error, **fields))
+                continue
+            try:
+                fused = _modeled_for(modeled, direction)
+            except (KeyError, ValueError, TypeError) as e:
+                rows.append(_row(case, provider, direction, "cpu", dtype, env, _error(e), **fields))
+                continue
+            fields.update(bytes_fused=fused, bytes_ratio=nbytes / fused if fused > 0 else None)
+            rows.append(_row(case, provider, direction, "cpu", dtype, env, **fields))
+    return rows
+
+
+def compile_rows(families: Iterable[str], env: dict[str, str]) -> list[dict[str, Any]]:
+    """Registers, spills, shared memory and tensor-core instruction counts of every `compile_specs()`
+    entry of `families`, compiled for sm80 and sm90 (no GPU needed)."""
+    from pdengine.kernels.compile_check import ARCHS, compile_spec
+
+    rows: list[dict[str, Any]] = []
+    base = {"provider": "triton", "scope": "kernel", "direction": "compile", "device": "cpu"}
+    for fam in families:
+        try:
+            specs = importlib.import_module(f"pdengine.kernels.{fam}").compile_specs()
+        except Exception as e:  # reported in the row, never hidden
+            rows.append({"kernel": fam, **base, "shape": "compile_specs()", "dtype": "", "arch": None,
+                         "status": _error(e), **env})
+            continue
+        for spec in specs:
+            dtypes = sorted({t.lstrip("*") for t in spec.signature.values() if t.startswith("*")})
+            for arch in ARCHS:
+                row = {"kernel": fam, **base, "shape": spec.name, "dtype": "/".join(dtypes), "arch": arch}
+                try:
+                    rep = compile_spec(spec, arch)
+                except Exception as e:  # reported in the row, never hidden
+                    rows.append({**row, "status": _error(e), **env})
+                    continue
+                check = "ok"
+                if rep.spills:
+                    check = f"spills {rep.spills} bytes"
+                elif rep.expects_mma and rep.mma_instructions == 0:
+                    check = "expects tensor-core instructions, found none"
+                rows.append({**row, "status": "ok", "registers": rep.registers, "spills": rep.spills,
+                             "stack_bytes": rep.stack_bytes, "local_bytes": rep.local_bytes,
+                             "shared_bytes": rep.shared_bytes, "mma_instructions": rep.mma_instructions,
+                             "expects_mma": rep.expects_mma, "num_warps": spec.num_warps,
+                             "num_stages": spec.num_stages, "compile_check": check, **env})
+    return rows
+
+
+def run_cpu(cases: list[Case], families: list[str], dtype: torch.dtype = torch.bfloat16,
+            with_compile: bool = True) -> list[dict[str, Any]]:
+    """CPU rows: counted reference bytes vs modeled fused bytes per case, then the compile statistics."""
+    env = env_info("cpu")
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        rows += _cpu_case_rows(case, dtype, env)
+    if with_compile:
+        rows += compile_rows(families, env)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU: timing
+
+
+def _flops(case: Case, dtype: torch.dtype) -> dict[str, float]:
+    """FLOPs per direction counted on `meta` tensors through the scope's reference provider."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    wl = case.providers[case.flops_from](case.make_inputs("meta", dtype))
+    out: dict[str, float] = {}
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        wl.fwd()
+    out["fwd"] = fc.get_total_flops()
+    if "bwd" in case.directions:
+        with torch.enable_grad():
+            y = _output_tensor(wl.fwd())
+            with FlopCounterMode(display=False) as fc:
+                torch.autograd.grad(y, wl.grad_inputs, torch.empty_like(y), allow_unused=True)
+        out["bwd"] = fc.get_total_flops()
+        out["fwd+bwd"] = out["fwd"] + out["bwd"]
+    return out
+
+
+def _timed_fn(wl: Workload, direction: str) -> Callable[[], Any]:
+    """The callable to time for `direction`: the forward without autograd (the sampling path), the
+    backward alone on a retained graph, or forward and backward together."""
+    if direction == "fwd":
+        def fwd() -> Any:
+            with torch.no_grad():
+                return wl.fwd()
+        return fwd
+    with torch.enable_grad():
+        out = _output_tensor(wl.fwd())
+    grad = torch.randn_like(out)
+    if direction == "bwd":
+        return lambda: torch.autograd.grad(out, wl.grad_inputs, grad, retain_graph=True, allow_unused=True)
+
+    def fwd_bwd() -> Any:
+        with torch.enable_grad():
+            return torch.autograd.grad(_output_tensor(wl.fwd()), wl.grad_inputs, grad, allow_unused=True)
+    return fwd_bwd
+
+
+def _forward_output(wl: Workload) -> torch.Tensor:
+    if wl.setup is not None:
+        wl.setup()
+    with torch.no_grad():
+        return _output_tensor(wl.fwd()).detach().float().clone()
+
+
+def _gpu_case_rows(case: Case, device: str, dtype: torch.dtype, env: dict[str, str], peaks: dict[str, float],
+                   timer: Callable[..., float], snapshot: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    try:
+        state = case.make_inputs(device, dtype)
+    except Exception as e:  # reported in the row, never hidden
+        return [_row(case, p, d, device, dtype, env, _error(e)) for p in case.providers for d in case.directions]
+    try:
+        flops: dict[str, float] | str = _flops(case, dtype)
+    except Exception as e:  # reported in the rows, which still get their timings
+        flops = _error(e)
+    modeled: Any = None
+    modeled_error = ""
+    if case.modeled is not None:
+        try:
+            modeled = case.modeled(dtype)
+        except Exception as e:  # reported in the rows, which still get their timings
+            modeled_error = _error(e)
+    reference_out: torch.Tensor | None = None
+    # torch_ref first: every other provider's output is compared with its output.
+    for provider in sorted(case.providers, key=lambda p: p != "torch_ref"):
+        build = case.providers[provider]
+        extra: dict[str, Any] = {}
+        try:
+            if provider == "torch_compile":
+                torch._dynamo.reset()  # a fresh cache per case: no recompile limit, no dynamic-shape fallback
+            wl = build(state)
+            if provider == "torch_compile":
+                extra["compile_s"] = round(wall_seconds(lambda wl=wl: _forward_output(wl)), 3)
+            out = _forward_output(wl)
+        except Exception as e:  # reported in the row, never hidden
+            rows += [_row(case, provider, d, device, dtype, env, _error(e)) for d in case.directions]
+            continue
+        if provider == "torch_ref":
+            reference_out = out
+        elif reference_out is not None:
+            extra["max_abs_diff_vs_torch_ref"] = (out - reference_out).abs().max().item()
+        del out
+        for direction in case.directions:
+            fields = dict(extra)
+            try:
+                ms = timer(_timed_fn(wl, direction), setup=wl.setup)
+            except Exception as e:  # reported in the row, never hidden
+                rows.append(_row(case, provider, direction, device, dtype, env, _error(e), **fields))
+                continue
+            fields["median_ms"] = ms
+            if isinstance(flops, str):
+                fields["flops_status"] = flops
+            elif flops.get(direction):
+                fields["flops"] = flops[direction]
+                fields["tflops"] = flops[direction] / (ms * 1e-3) / 1e12
+                fields["pct_peak_flops"] = 100 * fields["tflops"] / peaks["peak_tflops"]
+            if modeled_error:
+                fields["bytes_status"] = modeled_error
+            elif modeled is not None:
+                try:
+                    fields["bytes_modeled"] = _modeled_for(modeled, direction)
+                except (KeyError, ValueError, TypeError) as e:
+                    fields["bytes_status"] = _error(e)
+                else:
+                    fields["gbps"] = fields["bytes_modeled"] / (ms * 1e-3) / 1e9
+                    fields["pct_peak_bw"] = 100 * fields["gbps"] / peaks["peak_gbps"]
+            fields.update(snapshot())
+            rows.append(_row(case, provider, direction, device, dtype, env, **fields))
+        del wl
+    return rows
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """speedup_vs_torch_ref / speedup_vs_diffusers of every timed row, within one (kernel, scope, shape,
+    direction): never across scopes."""
+    def key(r: dict[str, Any]) -> tuple:
+        return r["kernel"], r.get("scope"), r["shape"], r["direction"]
+
+    base: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and "median_ms" in r and r["provider"] in ("torch_ref", "diffusers"):
+            base.setdefault(key(r), {})[r["provider"]] = r["median_ms"]
+    for r in rows:
+        if r.get("status") != "ok" or "median_ms" not in r:
+            continue
+        ref = base.get(key(r), {})
+        if "torch_ref" in ref:
+            r["speedup_vs_torch_ref"] = ref["torch_ref"] / r["median_ms"]
+        if "diffusers" in ref:
+            r["speedup_vs_diffusers"] = ref["diffusers"] / r["median_ms"]
+
+
+def run_gpu(cases: list[Case], device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+            timer: Callable[..., float] = time_cuda, peaks: dict[str, float] | None = None,
+            snapshot: Callable[[], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Timed rows of every case. `timer`, `peaks` and `snapshot` default to CUDA events, peaks measured
+    now and NVML of the current device; tests replace them to run the bookkeeping on the CPU."""
+    env = env_info(device)
+    if peaks is None:
+        peaks = measure_peaks(device)
+    if snapshot is None:
+        try:
+            index = nvml_index(torch.cuda.current_device())
+        except Exception as e:  # no NVML (or no matching device): every row says so instead of clocks
+            message = f"unavailable: {type(e).__name__}: {e}"
+            snapshot = lambda: {"nvml": message}  # noqa: E731
+        else:
+            snapshot = lambda: nvml_snapshot(index)  # noqa: E731
+    env = {**env, **{k: peaks[k] for k in ("peak_gbps", "peak_tflops")}}
+    rows: list[dict[str, Any]] = []
+    for case in cases:
+        rows += _gpu_case_rows(case, device, dtype, env, peaks, timer, snapshot)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(rows)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output
+
+
+def write_rows(rows: list[dict[str, Any]], json_path: Path | None, csv_path: Path | None) -> dict[str, Path]:
+    """Write the rows as JSON (`json_path`), CSV (`csv_path`, default beside the JSON) and the SVG chart
+    beside the CSV. Fresh files every run: nothing is appended."""
+    written: dict[str, Path] = {}
+    if json_path is not None:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        written["json"] = json_path
+        if csv_path is None:
+            csv_path = json_path.with_suffix(".csv")
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        keys = {k for r in rows for k in r}
+        columns = [k for k in CSV_LEAD if k in keys] + sorted(keys - set(CSV_LEAD))
+        with csv_path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: "" if r.get(k) is None else r[k] for k in columns})
+        written["csv"] = csv_path
+        written["svg"] = write_plot(rows, csv_path.with_suffix(".svg"))
+    return written
+
+
+def run_kernel_bench(device: str, json_path: Path | None, csv_path: Path | None, families: list[str] | None,
+                     quick: bool) -> list[dict]:
+    """Benchmark `families` (default: all four) on `device` ("cuda": timings; "cpu": byte counts and
+    compile statistics), write JSON/CSV/SVG where asked, and return the rows."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    families = list(families) if families else list(FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown kernel families {unknown} (known: {', '.join(FAMILIES)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for byte counts")
+    cases = build_cases(families, quick)
+    rows = run_gpu(cases) if device == "cuda" else run_cpu(cases, families)
+    write_rows(rows, json_path, csv_path)
+    return rows
