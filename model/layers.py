@@ -231,20 +231,19 @@ class TransformerBlock(nn.Module):
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
-    def forward_frames(self, t: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward_frames(self, t: torch.Tensor, num_frames: int, pixels: int) -> torch.Tensor:
         """The temporal block on token rows (N, dim) in (b, f, p) order, attention by the Triton kernel:
         q/k/v come from one fused projection GEMM and the kernel reads them in place (no permutes)."""
-        t = t + _kernel_self_attention(self.attn1, self.norm1(t), num_frames)
-        t = t + _kernel_self_attention(self.attn2, self.norm2(t), num_frames)
+        t = t + _kernel_self_attention(self.attn1, self.norm1(t), num_frames, pixels)
+        t = t + _kernel_self_attention(self.attn2, self.norm2(t), num_frames, pixels)
         return t + self.ff(self.norm3(t))
 
 
-def _kernel_self_attention(attn: Attention, h: torch.Tensor, num_frames: int) -> torch.Tensor:
-    from pdengine.kernels.temporal_attention import temporal_attention
+def _kernel_self_attention(attn: Attention, h: torch.Tensor, num_frames: int, pixels: int) -> torch.Tensor:
+    from pdengine.kernels.temporal_attention import temporal_attention_qkv
 
-    inner = attn.to_q.out_features
     qkv = F.linear(h, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
-    o = temporal_attention(qkv[:, :inner], qkv[:, inner:2 * inner], qkv[:, 2 * inner:], num_frames, attn.heads)
+    o = temporal_attention_qkv(qkv, num_frames, attn.heads, pixels=pixels)
     return attn.to_out[1](attn.to_out[0](o))
 
 
@@ -300,14 +299,17 @@ class TemporalTransformer(nn.Module):
 
     def _forward_kernels(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         # Tokens stay in (b, f, p) row order from proj_in to proj_out: the projections are plain GEMMs and
-        # the attention kernel walks frames with a stride of H*W rows, so the (b p) f permutes vanish.
+        # the attention kernel walks frames with a stride of H*W rows, so the (b p) f permutes vanish. The
+        # GroupNorm writes tokens directly, and the way back is fused with the residual add.
+        from pdengine.kernels.temporal_attention import tokens_to_video_residual, video_group_norm_to_tokens
+
         bf, c, h, w = x.shape
-        t = video_group_norm(x, num_frames, self.norm).permute(0, 2, 3, 1).reshape(bf * h * w, c)
+        t = video_group_norm_to_tokens(x, num_frames, self.norm.weight, self.norm.bias, self.norm.num_groups,
+                                       self.norm.eps)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
-            t = block.forward_frames(t, num_frames)
-        t = self.proj_out(t)
-        return x + t.reshape(bf, h, w, c).permute(0, 3, 1, 2)
+            t = block.forward_frames(t, num_frames, h * w)
+        return tokens_to_video_residual(self.proj_out(t), x, num_frames)
 
 
 class Downsample2D(nn.Module):
