@@ -186,5 +186,16 @@ def info(as_json):
     click.echo(json.dumps(data, indent=2, default=str) if as_json else format_info(data))
 
 
+def _register_training_commands() -> None:
+    # train/cli.py imports only click and the stdlib at module level, so --help stays torch-free.
+    from pdengine.train.cli import cache_latents_command, train_command
+
+    main.add_command(train_command)
+    main.add_command(cache_latents_command)
+
+
+_register_training_commands()
+
+
 if __name__ == "__main__":
     sys.exit(main())
