@@ -22,11 +22,19 @@ def _cuda_available() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked `@pytest.mark.gpu` when there is no CUDA device."""
+    """Skip tests marked `@pytest.mark.gpu` when there is no CUDA device, or when the Triton interpreter
+    is on (GPU tests exercise compiled kernels: on a GPU machine run `TRITON_INTERPRET=0 pytest -m gpu`,
+    and the CPU suite with the default interpreter setting)."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
-    if not gpu_items or _cuda_available():
+    if not gpu_items:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not _cuda_available():
+        reason = "needs a CUDA GPU"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        reason = "needs compiled kernels: run with TRITON_INTERPRET=0"
+    else:
+        return
+    skip = pytest.mark.skip(reason=reason)
     for item in gpu_items:
         item.add_marker(skip)
 
