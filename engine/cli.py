@@ -174,6 +174,32 @@ def bench_sample(device, json_path, csv_path, batches, steps):
         click.echo("  ".join(f"{k}={r[k]}" for k in keys))
 
 
+@bench.command("train", context_settings=CONTEXT)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="cuda: step time and peak memory vs a diffusers loop; cpu: saved-activation and state bytes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="CSV path [default: beside --json].")
+@click.option("--preset", default="pixeldance", type=click.Choice(["pixeldance", "small", "tiny"]))
+@click.option("--batch", "batches", multiple=True, type=int, help="Batch sizes on the GPU.  [default: 1 2 4]")
+@click.option("--steps", default=5, help="Timed optimizer steps per setup (GPU).")
+def bench_train(device, json_path, csv_path, preset, batches, steps):
+    """Training step of our trainer vs a reference diffusers loop (same batch)."""
+    from pathlib import Path
+
+    from pdengine.bench.train import run_train_bench
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run_train_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
+                           preset, list(batches) or None, steps)
+    for r in rows:
+        keys = [k for k in ("provider", "checkpointing", "batch", "status", "saved_activation_gib_per_sample",
+                            "saved_ratio_vs_reference", "samples_per_s", "peak_memory_gib_per_sample") if k in r]
+        click.echo("  ".join(f"{k}={r[k]:.3g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys))
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info(as_json):

@@ -35,3 +35,19 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
         assert r["status"] == "ok" and r["launches_per_step_eager"] > 100 and r["gb_per_step"] > 0
         assert r["unet_gflops_per_video"] > 0 and r["git_sha"] and r["torch"] == torch.__version__
     assert out.with_suffix(".csv").is_file()
+
+
+def test_bench_train_cpu_counts_saved_activations(tmp_path):
+    """Checkpointing policies save monotonically less; the reference row is diffusers' model."""
+    from pdengine.bench.train import run_train_bench, state_bytes
+
+    rows = run_train_bench("cpu", tmp_path / "train.json", preset="tiny")
+    by = {(r["provider"], r["checkpointing"]): r for r in rows}
+    none = by[("pdengine_torch_backend", "none")]["saved_activation_gib_per_sample"]
+    attention = by[("pdengine_torch_backend", "attention")]["saved_activation_gib_per_sample"]
+    full = by[("pdengine_torch_backend", "full")]["saved_activation_gib_per_sample"]
+    assert none > attention > full > 0
+    ref = next(r for r in rows if r["provider"] == "diffusers_reference")
+    assert ref["saved_activation_gib_per_sample"] > 0 and ref["parameters"] > 1_000_000
+    assert state_bytes(10, "fp32_master") == {"param_bytes": 40, "grad_bytes": 40, "optimizer_bytes": 80}
+    assert (tmp_path / "train.csv").is_file()

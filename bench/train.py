@@ -1,0 +1,179 @@
+"""`pdengine bench train`: our trainer's step against a reference diffusers training loop.
+
+On a GPU (one run, same batch): our UNet3D (Triton backend, activation checkpointing policy, fused AdamW,
+bf16 autocast with fp32 master weights) vs diffusers' `UNet3DConditionModel` + `torch.optim.AdamW`
+(bf16 autocast, fp32 master weights); peak memory per sample and samples/s.
+
+On the CPU (no timing, no memory claim): saved-activation bytes per sample of one training forward,
+counted with `torch.autograd.graph.saved_tensors_hooks` on `meta` tensors at the `pixeldance` preset
+(16 x 256 x 256 video, latent 16 x 32 x 32), for each of our checkpointing policies and for the reference
+model; and parameter / gradient / optimizer-state bytes of each setup.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .common import env_info
+
+FRAMES, LATENT, TEXT_LEN = 16, 32, 77
+POLICIES = ("none", "attention", "full")
+
+
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
+                           diffusers_model: bool = False) -> int:
+    """Bytes autograd keeps for the backward of one forward (+ MSE loss): every tensor packed by autograd,
+    each storage counted once (views of one activation share it)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(x, t, encoder_hidden_states=ctx).sample if diffusers_model else model(x, t, ctx)
+        out.float().square().mean()
+    return sum(storages.values())
+
+
+def state_bytes(n_params: int, setup: str) -> dict[str, int]:
+    """Parameter, gradient and optimizer-state bytes. fp32 master: fp32 params and grads, AdamW's two fp32
+    moments; pure bf16: bf16 params and grads, bf16 moments; adamw8bit: fp32 params/grads, 1-byte moments."""
+    per = {"fp32_master": (4, 4, 8), "pure_bf16": (2, 2, 4), "adamw8bit": (4, 4, 2)}[setup]
+    return {"param_bytes": n_params * per[0], "grad_bytes": n_params * per[1], "optimizer_bytes": n_params * per[2]}
+
+
+def _meta_inputs(cfg: dict, dtype: torch.dtype, batch: int = 1):
+    with torch.device("meta"):
+        x = torch.empty(batch, cfg["in_channels"], FRAMES, LATENT, LATENT, dtype=dtype)
+        t = torch.zeros(batch, dtype=torch.long)
+        ctx = torch.empty(batch, TEXT_LEN, cfg["cross_attention_dim"], dtype=dtype)
+    return x, t, ctx
+
+
+def _cpu_rows(preset: str) -> list[dict[str, Any]]:
+    from diffusers import UNet3DConditionModel
+
+    from pdengine.model import UNet3D, preset_config
+    from pdengine.train.trainer import apply_activation_checkpointing
+
+    cfg = preset_config(preset)
+    dt = torch.bfloat16  # what autocast computes in
+    rows = []
+    x, t, ctx = _meta_inputs(cfg, dt)
+    with torch.device("meta"):
+        ref = UNet3DConditionModel(**{k: v for k, v in cfg.items() if k != "sample_size"}).to(dt).train()
+    n_params = sum(p.numel() for p in ref.parameters())
+    ref_saved = saved_activation_bytes(ref, x, t, ctx, diffusers_model=True)
+    base = {"bench": "train", "device": "cpu", "preset": preset, "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}",
+            "status": "ok", "parameters": n_params}
+    rows.append({**base, "provider": "diffusers_reference", "checkpointing": "none (unsupported by the model)",
+                 "saved_activation_gib_per_sample": ref_saved / 2**30, "saved_ratio_vs_reference": 1.0,
+                 **state_bytes(n_params, "fp32_master")})
+    for policy in POLICIES:
+        with torch.device("meta"):
+            ours = UNet3D(cfg).to(dt).train()
+        apply_activation_checkpointing(ours, policy)
+        saved = saved_activation_bytes(ours, x, t, ctx)
+        rows.append({**base, "provider": "pdengine_torch_backend", "checkpointing": policy,
+                     "saved_activation_gib_per_sample": saved / 2**30, "saved_ratio_vs_reference": saved / ref_saved,
+                     **state_bytes(n_params, "fp32_master")})
+    for setup in ("pure_bf16", "adamw8bit"):
+        rows.append({**base, "provider": f"pdengine_{setup}", "checkpointing": "attention",
+                     "saved_activation_gib_per_sample": rows[2]["saved_activation_gib_per_sample"],
+                     "saved_ratio_vs_reference": rows[2]["saved_ratio_vs_reference"], **state_bytes(n_params, setup)})
+    return rows
+
+
+def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma: no cover - GPU
+    from pdengine.engine.schedulers import default_scheduler
+    from pdengine.model import preset_config
+
+    cfg = preset_config(preset)
+    abar = default_scheduler("ddpm").alphas_cumprod.to("cuda")
+    rows = []
+    for b in batches:
+        for provider in ("pdengine", "diffusers_reference"):
+            row: dict[str, Any] = {"bench": "train", "device": "cuda", "preset": preset, "provider": provider,
+                                   "batch": b, "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+            try:
+                row.update(_gpu_measure(provider, b, cfg, abar, steps))
+            except Exception as e:  # a failing provider is an explicit row (OOM included)
+                row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+            torch.cuda.empty_cache()
+            rows.append(row)
+    return rows
+
+
+def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: int) -> dict[str, Any]:  # pragma: no cover
+    import time
+
+    from diffusers import UNet3DConditionModel
+
+    from pdengine.model import UNet3D
+    from pdengine.train.recipe import RecipeConfig, training_inputs
+    from pdengine.train.trainer import apply_activation_checkpointing
+
+    from .common import nvml_index, nvml_snapshot
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    ours = provider == "pdengine"
+    if ours:
+        model = UNet3D(cfg, backend="auto").to(dev).train()
+        apply_activation_checkpointing(model, "attention")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    else:
+        model = UNet3DConditionModel(**{k: v for k, v in cfg.items() if k != "sample_size"}).to(dev).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    gen = torch.Generator().manual_seed(0)
+    z0 = torch.randn(b, cfg["out_channels"], FRAMES, LATENT, LATENT, device=dev)
+    text = torch.randn(b, TEXT_LEN, cfg["cross_attention_dim"], device=dev)
+    uncond = torch.zeros(TEXT_LEN, cfg["cross_attention_dim"], device=dev)
+
+    def step() -> None:
+        inp = training_inputs(z0, text, uncond, abar, RecipeConfig(), gen, use_kernel=ours)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if ours:
+                pred = model(inp.unet_input, inp.timesteps, inp.context)
+            else:
+                pred = model(inp.unet_input, inp.timesteps, encoder_hidden_states=inp.context).sample
+        torch.nn.functional.mse_loss(pred.float(), inp.target.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: kernel compilation, allocator
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    sec = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    return {"status": "ok", "step_s": sec, "samples_per_s": b / sec, "peak_memory_gib": peak,
+            "peak_memory_gib_per_sample": peak / b, **nvml_snapshot(nvml_index(0))}
+
+
+def run_train_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
+                    preset: str = "pixeldance", batches: list[int] | None = None, steps: int = 5) -> list[dict]:
+    rows = _gpu_rows(preset, batches or [1, 2, 4], steps) if device == "cuda" else _cpu_rows(preset)
+    stamp = env_info(device)
+    rows = [{**r, **stamp} for r in rows]
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        csv_path = csv_path or json_path.with_suffix(".csv")
+    if csv_path is not None:
+        keys = sorted({k for r in rows for k in r})
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
