@@ -151,7 +151,8 @@ def training_loss(unet: torch.nn.Module, z0: torch.Tensor, text: torch.Tensor, u
     if use_kernel is None:
         from pdengine.model.layers import use_kernels
 
-        use_kernel = use_kernels(getattr(unet, "backend", "torch"), z0)
+        # DDP wraps the UNet: its backend lives on `.module`.
+        use_kernel = use_kernels(getattr(getattr(unet, "module", unet), "backend", "torch"), z0)
     inputs = training_inputs(z0, text, uncond, alphas_cumprod, cfg, gen, use_kernel=use_kernel)
     pred = unet(inputs.unet_input, inputs.timesteps, inputs.context)
     return F.mse_loss(pred.float(), inputs.target.float())

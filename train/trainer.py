@@ -294,7 +294,10 @@ def micro_batch_loss(unet: nn.Module, z0: torch.Tensor, text: torch.Tensor, unco
     z_all[rows] = z0
     t_all = text.new_zeros((per_rank * world_size, *text.shape[1:]))
     t_all[rows] = text
-    inputs = training_inputs(z_all, t_all, uncond, alphas_cumprod, recipe, gen)
+    from pdengine.model.layers import use_kernels
+
+    backend = getattr(getattr(unet, "module", unet), "backend", "torch")
+    inputs = training_inputs(z_all, t_all, uncond, alphas_cumprod, recipe, gen, use_kernel=use_kernels(backend, z0))
     pred = unet(inputs.unet_input[rows], inputs.timesteps[rows], inputs.context[rows])
     return F.mse_loss(pred.float(), inputs.target[rows].float())
 
