@@ -111,26 +111,28 @@ def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The tiny CLIP vocab (token -> id) and merges.
+def tiny_vocab_and_merges(words: Iterable[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The tiny CLIP vocab (token -> id) and merges; `words` (default: a small built-in list) each become
+    one token.
 
     Id layout follows OpenAI CLIP: the 256 byte characters, the same with `</w>`, the merge results,
     then `<|startoftext|>` and `<|endoftext|>` last.
     """
     chars = list(_bytes_to_unicode().values())
-    merges = _word_merges(_WORDS)
+    merges = _word_merges(_WORDS if words is None else words)
     # Two merges can make the same string ("re"+"d</w>", "r"+"ed</w>"): one id for both.
     tokens = dict.fromkeys([*chars, *(c + "</w>" for c in chars), *(a + b for a, b in merges)])
     return {tok: i for i, tok in enumerate([*tokens, BOS_TOKEN, EOS_TOKEN])}, merges
 
 
-def write_tiny_tokenizer(directory: str | os.PathLike[str]) -> Path:
+def write_tiny_tokenizer(directory: str | os.PathLike[str], words: Iterable[str] | None = None) -> Path:
     """Write a real `transformers.CLIPTokenizer` with a tiny hand-made BPE vocab into `directory`.
 
     Byte-level BPE with every byte in the vocab, so any unicode prompt tokenizes (no unknown tokens).
     Writes vocab.json + merges.txt (the classic CLIP files) and, through `save_pretrained`, the
     tokenizer.json / tokenizer_config.json that transformers loads. `directory` must be new or empty
-    (from_pretrained would prefer a stale tokenizer.json over the files written here).
+    (from_pretrained would prefer a stale tokenizer.json over the files written here). `words`: the
+    vocabulary that gets one token per word (e.g. every word of a caption set).
     """
     from transformers import CLIPTokenizer
 
@@ -138,7 +140,7 @@ def write_tiny_tokenizer(directory: str | os.PathLike[str]) -> Path:
     if directory.is_dir() and any(directory.iterdir()):
         raise FileExistsError(f"{directory} is not empty")
     directory.mkdir(parents=True, exist_ok=True)
-    vocab, merges = tiny_vocab_and_merges()
+    vocab, merges = tiny_vocab_and_merges(words)
     (directory / "vocab.json").write_text(
         json.dumps(vocab, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
     )
