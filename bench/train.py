@@ -28,15 +28,20 @@ POLICIES = ("none", "attention", "full")
 def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor,
                            diffusers_model: bool = False) -> int:
     """Bytes autograd keeps for the backward of one forward (+ MSE loss): every tensor packed by autograd,
-    each storage counted once (views of one activation share it)."""
+    each storage counted once (views of one activation share it). Parameters are not activations and are
+    left out; attention counts as CUDA's fused kernel (no probability matrix saved, `FusedSDPAOnMeta`)."""
+    from .common import FusedSDPAOnMeta
+
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage._cdata] = storage.nbytes()
+        if storage._cdata not in params:
+            storages[storage._cdata] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), FusedSDPAOnMeta():
         out = model(x, t, encoder_hidden_states=ctx).sample if diffusers_model else model(x, t, ctx)
         out.float().square().mean()
     return sum(storages.values())

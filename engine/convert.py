@@ -18,6 +18,24 @@ PIXELDANCE_INDEX = {
 }
 
 
+def _checkpoint_dtype(unet_dir: Path):
+    """The floating dtype the checkpoint stores (so conversion does not upcast fp16/bf16 weights)."""
+    from safetensors import safe_open
+
+    files = sorted(unet_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    with safe_open(str(files[0]), framework="pt") as fh:
+        for key in fh.keys():
+            t = fh.get_slice(key)
+            dtype = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(t.get_dtype())
+            if dtype is not None:
+                import torch
+
+                return getattr(torch, dtype)
+    return None
+
+
 def convert_model(src: str | Path, dst: str | Path, *, source: str = "modelscope",
                   overwrite: bool = False) -> Path:
     """Write a PixelDance folder at `dst` from `src`.
@@ -37,8 +55,9 @@ def convert_model(src: str | Path, dst: str | Path, *, source: str = "modelscope
     index = check_model_folder(src)
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
-    if dst.resolve() == src.resolve():
-        raise ValueError("--out must differ from the source folder")
+    s_res, d_res = src.resolve(), dst.resolve()
+    if s_res == d_res or s_res in d_res.parents or d_res in s_res.parents:
+        raise ValueError("--out must be outside the source folder and must not contain it")
     vae_cfg = json.loads((src / "vae" / "config.json").read_text())
     latent = int(vae_cfg.get("latent_channels", 4))
     unet_cfg = json.loads((src / "unet" / "config.json").read_text())
@@ -56,7 +75,7 @@ def convert_model(src: str | Path, dst: str | Path, *, source: str = "modelscope
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        unet = UNet3D.from_pretrained(src / "unet", in_channels=2 * latent)
+        unet = UNet3D.from_pretrained(src / "unet", in_channels=2 * latent, dtype=_checkpoint_dtype(src / "unet"))
         unet.save_pretrained(tmp / "unet")
         for part in PARTS:
             if part != "unet":

@@ -86,6 +86,7 @@ def validate_job(job: GenerateJob) -> None:
     if job.seed < 0:
         raise GenerateError(f"--seed must be >= 0, got {job.seed}")
     if job.model not in BUILTIN_MODELS:
+        job.model = str(Path(job.model).expanduser())
         check_model_folder(job.model)
         scale = _vae_scale_factor(Path(job.model))
     else:
@@ -210,6 +211,8 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
         if job.device is None and torch.cuda.is_available():
             job.device = f"cuda:{local_rank}"
     device = _pick_device(job.device)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))  # kernels and graphs use the current device
     dtype = _torch_dtype(job.dtype, device)
     model_dir = resolve_model(job.model)
     index = check_model_folder(model_dir)
@@ -315,7 +318,7 @@ def auto_batch_size(pipe, settings: SampleSettings, limit: int, log: Callable[[s
         log("--batch-size auto: no GPU memory to size against on the CPU; using 1")
         return 1
     total = torch.cuda.get_device_properties(pipe.device).total_memory
-    probe = SampleSettings(**{**asdict(settings), "steps": 1})
+    probe = SampleSettings(**{**asdict(settings), "steps": 1, "tau": None})
     best, b = 1, 1
     while b <= limit:
         torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ Without a GPU (or with `use_graph=False`) the very same step function runs eager
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -96,6 +97,10 @@ class StaticSampler:
             self.latents.copy_(self.scheduler.step(eps, step, self.latents, noise=noise, eta=self.bucket.eta))
         self.step_index.add_(1)
 
+    def _device_context(self):
+        # Kernels launch on the current CUDA device and graphs capture on a stream of it.
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def _capture(self) -> None:
         """Warm up on a side stream (kernel autotuning and lazy init happen here, never during capture),
         then capture one step. The warm-up's effect on the buffers is undone by `run`, which refills them."""
@@ -123,6 +128,12 @@ class StaticSampler:
             on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """Denoise `latents` (x_T); the same contract as `engine.pipeline.denoise` with cached
         conditioning. Returns a fresh tensor (the buffers are reused by the next call)."""
+        with self._device_context():
+            return self._run(latents, text, uncond, feat_first, feat_last, has_last, tau=tau, guidance=guidance,
+                             step_noise=step_noise, on_step=on_step)
+
+    def _run(self, latents, text, uncond, feat_first, feat_last, has_last, *, tau, guidance, step_noise,
+             on_step) -> torch.Tensor:
         if self.use_graph and self.graph is None:
             self.context.copy_(torch.cat([uncond, text]) if self.bucket.cfg else text)
             self.feat_first.copy_(feat_first)

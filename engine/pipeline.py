@@ -87,8 +87,8 @@ class SampleSettings:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        if self.eta < 0:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.sampler == "ddpm" and self.eta != 0:
             raise ValueError("eta applies to the DDIM sampler only")
         if self.guidance < 0:

@@ -827,13 +827,17 @@ class _TemporalConvBlockFn(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------------
 
 
+_MAX_LAUNCH_ELEMENTS = 2**31 - 1  # int32 indexing inside the kernels
+
+
 def _check_x(x: torch.Tensor, num_frames: int) -> None:
     if x.dim() != 4:
         raise ValueError(f"x must be (B*F, C, H, W), got shape {tuple(x.shape)}")
     if num_frames < 1 or x.shape[0] % num_frames != 0:
         raise ValueError(f"x has {x.shape[0]} rows, not a multiple of num_frames={num_frames}")
-    if x.numel() >= 2**31:
-        raise ValueError(f"x has {x.numel()} elements; the kernels index with int32 (< 2**31)")
+    if num_frames * x[0].numel() > _MAX_LAUNCH_ELEMENTS:
+        raise ValueError(f"one video has {num_frames * x[0].numel()} elements; the kernels index with int32 "
+                         "(< 2**31)")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {x.dtype} (fp32, fp16, bf16)")
 
@@ -879,6 +883,16 @@ def temporal_conv_block(
     seed = 0 if seed is None else int(seed)
     if not 0 <= seed < 2**31 - 4:
         raise ValueError(f"seed must be in [0, 2**31 - 4), got {seed}")
+    # The kernels index a launch with int32: a batch past 2**31 elements runs as several launches over whole
+    # videos (statistics and convolutions never cross videos, so this is exact); each chunk gets its own
+    # dropout seeds so masks do not repeat.
+    per_video = num_frames * x[0].numel()
+    max_rows = (_MAX_LAUNCH_ELEMENTS // per_video) * num_frames
+    if x.shape[0] > max_rows:
+        parts = [temporal_conv_block(part, num_frames, norms, convs, groups=groups, eps=eps, dropout_p=dropout_p,
+                                     seed=(seed + 4 * i) % (2**31 - 8), training=training)
+                 for i, part in enumerate(x.split(max_rows))]
+        return torch.cat(parts)
     x = x.contiguous()
     gammas = [n[0] for n in norms]
     betas = [n[1] for n in norms]

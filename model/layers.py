@@ -285,7 +285,7 @@ class TemporalTransformer(nn.Module):
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bf, c, h, w = x.shape
         b = bf // num_frames
-        if use_kernels(self.backend, x):
+        if use_kernels(self.backend, x) and self._kernel_fits(num_frames):
             return self._forward_kernels(x, num_frames)
         t = video_group_norm(x, num_frames, self.norm)
         # (B, F, C, H, W) -> (B*H*W, F, C): one short sequence per pixel.
@@ -296,6 +296,20 @@ class TemporalTransformer(nn.Module):
         t = self.proj_out(t)
         t = t.reshape(b, h, w, num_frames, c).permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)
         return x + t
+
+    def _kernel_fits(self, num_frames: int) -> bool:
+        """The attention kernel covers head dims up to 128 and 1..64 frames; outside that this layer runs
+        the PyTorch path (SD 1.x inflations have head dims of 160) and says so once."""
+        attn = self.transformer_blocks[0].attn1
+        head_dim = attn.to_q.out_features // attn.heads
+        if head_dim <= 128 and num_frames <= 64:
+            return True
+        if not getattr(self, "_warned_fallback", False):
+            self._warned_fallback = True
+            logger.warning("pdengine temporal attention: head dim %d / %d frames is outside the Triton kernel's "
+                           "range (head dim <= 128, frames <= 64); this layer uses the PyTorch path", head_dim,
+                           num_frames)
+        return False
 
     def _forward_kernels(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         # Tokens stay in (b, f, p) row order from proj_in to proj_out: the projections are plain GEMMs and

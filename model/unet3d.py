@@ -217,6 +217,14 @@ class UNet3D(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
                 encoder_hidden_states: torch.Tensor, cond_features: torch.Tensor | None = None) -> torch.Tensor:
+        if sample.is_cuda:
+            # Triton launches on the *current* CUDA device: make it the input's (cuda:1, torchrun ranks).
+            with torch.cuda.device(sample.device):
+                return self._forward(sample, timestep, encoder_hidden_states, cond_features)
+        return self._forward(sample, timestep, encoder_hidden_states, cond_features)
+
+    def _forward(self, sample: torch.Tensor, timestep: torch.Tensor | float | int,
+                 encoder_hidden_states: torch.Tensor, cond_features: torch.Tensor | None) -> torch.Tensor:
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, C, F, H, W), got shape {tuple(sample.shape)}")
         b, c, f, h, w = sample.shape

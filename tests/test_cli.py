@@ -280,3 +280,36 @@ def test_batch_size_auto_on_cpu_and_bad_value(tiny_pipeline_dir, tmp_path):
     result = run("generate", "x", "--model", tiny_pipeline_dir, "--batch-size", "many", "--out", tmp_path / "p",
                  ok=False)
     assert result.exit_code != 0 and "--batch-size must be an integer or 'auto'" in result.output
+
+
+def test_review_fixes_eta_convert_and_home_paths(tiny_pipeline_dir, tiny_modelscope_dir, tmp_path, monkeypatch,
+                                                   no_model_load):
+    import shutil
+
+    import torch
+    from safetensors import safe_open
+
+    result = run("generate", "x", "--model", tiny_pipeline_dir, "--eta", "1.5", "--out", tmp_path / "o", ok=False)
+    assert result.exit_code != 0 and "eta must be in [0, 1]" in result.output
+    # --model with ~ is expanded before it is checked.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_pipeline_dir, tmp_path / "m")
+    from pdengine.engine.generate import GenerateJob, validate_job
+    from pdengine.engine.pipeline import SampleSettings
+    from pdengine.engine.prompts import PromptSpec
+
+    job = GenerateJob([PromptSpec("x")], "~/m", tmp_path / "o", SampleSettings(height=64, width=64))
+    validate_job(job)
+    assert job.model == str(tmp_path / "m")
+    # convert never writes over (or inside) its source.
+    result = run("convert", "--from", "pixeldance", tmp_path / "m", "--out", tmp_path, "--overwrite", ok=False)
+    assert result.exit_code != 0 and "outside the source folder" in result.output and (tmp_path / "m").is_dir()
+    # convert keeps the checkpoint's dtype.
+    from diffusers import UNet3DConditionModel
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_modelscope_dir, half)
+    UNet3DConditionModel.from_pretrained(half / "unet").to(torch.float16).save_pretrained(half / "unet")
+    run("convert", "--from", "modelscope", half, "--out", tmp_path / "half-pd")
+    with safe_open(str(tmp_path / "half-pd" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
+        assert fh.get_tensor("conv_in.weight").dtype == torch.float16

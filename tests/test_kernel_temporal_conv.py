@@ -363,3 +363,24 @@ def test_compile_sm80_sm90_no_spills_and_mma():
             assert row["spills"] == 0, f"sm{arch} {row['name']}: {row['spills']} bytes spilled"
             if row["expects_mma"]:
                 assert row["mma"] > 0, f"sm{arch} {row['name']}: no tensor-core instructions"
+
+
+def test_batches_past_the_int32_limit_run_in_video_chunks(monkeypatch):
+    """A launch indexes with int32; larger batches are split over whole videos, which is exact (statistics
+    and convolutions never cross videos). The limit is lowered here so the split happens at test size."""
+    import pdengine.kernels.temporal_conv as tc
+    from pdengine.kernels.temporal_conv_ref import temporal_conv_block_ref
+
+    gen = torch.Generator().manual_seed(0)
+    c, f = 6, 3
+    norms = [(1 + 0.1 * torch.randn(c, generator=gen), 0.1 * torch.randn(c, generator=gen)) for _ in range(4)]
+    convs = [(torch.randn(c, c, 3, 1, 1, generator=gen) * 0.3, 0.1 * torch.randn(c, generator=gen)) for _ in range(4)]
+    x = torch.randn(3 * f, c, 2, 3, generator=gen)
+    expected = temporal_conv_block_ref(x, f, norms, convs, groups=2, eps=1e-5)
+    monkeypatch.setattr(tc, "_MAX_LAUNCH_ELEMENTS", 2 * f * c * 2 * 3)  # two videos per launch
+    calls = []
+    original = tc._block_forward
+    monkeypatch.setattr(tc, "_block_forward", lambda x, *a, **k: calls.append(x.shape[0]) or original(x, *a, **k))
+    got = tc.temporal_conv_block(x, f, norms, convs, groups=2, eps=1e-5)
+    assert calls == [2 * f, f]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

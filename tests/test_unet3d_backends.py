@@ -79,3 +79,20 @@ def test_from_pretrained_takes_the_backend(tmp_path):
     for m in UNet3D.from_pretrained(tmp_path, backend="auto").modules():
         if hasattr(m, "backend") and not isinstance(m, UNet3D):
             assert m.backend == "auto"
+
+
+def test_attention_outside_the_kernel_range_falls_back_and_says_so(caplog):
+    """Head dims above 128 (SD 1.x inflations) run the PyTorch path for that layer, with one warning."""
+    from pdengine.model.layers import TemporalTransformer
+
+    torch.manual_seed(0)
+    layer = TemporalTransformer(160, 1, 160, 8, backend="triton")
+    ref = TemporalTransformer(160, 1, 160, 8, backend="torch")
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2 * 2, 160, 2, 2)
+    with caplog.at_level("WARNING", logger="pdengine"), torch.no_grad():
+        out = layer(x, 2)
+        layer(x, 2)
+    assert sum("outside the Triton kernel's range" in r.getMessage() for r in caplog.records) == 1
+    with torch.no_grad():
+        assert torch.equal(out, ref(x, 2))
