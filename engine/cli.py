@@ -215,9 +215,13 @@ def info(as_json):
 def _register_training_commands() -> None:
     # train/cli.py imports only click and the stdlib at module level, so --help stays torch-free.
     from pdengine.train.cli import cache_latents_command, train_command
+    from pdengine.train.evaluate import eval_command
+    from pdengine.train.synth import data_command
 
     main.add_command(train_command)
     main.add_command(cache_latents_command)
+    main.add_command(data_command)
+    main.add_command(eval_command)
 
 
 _register_training_commands()

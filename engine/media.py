@@ -152,7 +152,9 @@ def _encode_mp4(frames: np.ndarray, out: Path, fps: float) -> None:
     rate = Fraction(fps).limit_denominator(1001)  # 29.97 -> 2997/100, exact for integer fps
     f, h, w, _ = frames.shape
     with av.open(str(out), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(_MP4_CRF)})
+        # mbtree off: with macroblock-tree rate control libx264 gives different bytes for identical frames
+        # from run to run; without it an mp4 is a pure function of its frames (deterministic datasets).
+        stream = container.add_stream("libx264", rate=rate, options={"crf": str(_MP4_CRF), "x264-params": "mbtree=0"})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         time_base = 1 / rate
         for i in range(f):

@@ -1,0 +1,277 @@
+"""Evaluation metrics on constructed cases, and `pdengine eval` end to end on a tiny random model."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pdengine.train.evaluate import (
+    AREA_JUMP,
+    COLOUR_THRESHOLD,
+    MIN_TRAVEL,
+    PSNR_MAX_DB,
+    EvalError,
+    aggregate,
+    background_flicker,
+    colour_kept,
+    demo_model_dir,
+    eval_command,
+    first_frame_psnr,
+    follows_text,
+    largest_component,
+    last_frame_error_px,
+    load_heldout,
+    measure_video,
+    motion_accuracy,
+    object_stats,
+    parse_taus,
+    phase_shift,
+    psnr,
+    score_video,
+    shape_kept,
+    track_object,
+)
+from pdengine.train.synth import MOTIONS, ClipSpec, render_clip, sample_spec, write_dataset
+
+SIZE, FRAMES = 64, 12
+
+
+def _clips(kind: str, n: int = 3):
+    return [render_clip(sample_spec(np.random.default_rng([21, i]), kind), SIZE, FRAMES) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_psnr_matches_its_definition():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, size=a.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / mse), rel=1e-12)
+    assert psnr(a, a) == PSNR_MAX_DB
+    assert first_frame_psnr(np.stack([b, a]), a) == pytest.approx(psnr(b, a))
+    with pytest.raises(EvalError):
+        psnr(a, a[:8])
+
+
+def test_largest_component_against_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        mask = rng.random((12, 15)) < 0.45
+        got = largest_component(mask)
+        # Reference: grow each component by repeated 4-neighbour dilation inside the mask.
+        best = np.zeros_like(mask)
+        seen = np.zeros_like(mask)
+        for r, c in zip(*np.nonzero(mask)):
+            if seen[r, c]:
+                continue
+            comp = np.zeros_like(mask)
+            comp[r, c] = True
+            while True:
+                grown = comp.copy()
+                grown[1:] |= comp[:-1]
+                grown[:-1] |= comp[1:]
+                grown[:, 1:] |= comp[:, :-1]
+                grown[:, :-1] |= comp[:, 1:]
+                grown &= mask
+                if (grown == comp).all():
+                    break
+                comp = grown
+            seen |= comp
+            if comp.sum() > best.sum():
+                best = comp
+        np.testing.assert_array_equal(got, best)
+    assert not largest_component(np.zeros((4, 4), dtype=bool)).any()
+
+
+def test_track_object_finds_the_largest_blob_of_the_colour():
+    frames = np.full((3, 20, 30, 3), 120, dtype=np.uint8)
+    red = (220, 50, 50)
+    frames[0, 4:8, 10:16] = red  # 4 x 6 block: centre (13, 6) in pixel-centre coordinates
+    frames[0, 15:17, 2:4] = red  # a smaller blob of the same colour is ignored
+    frames[1, 2:3, 2:4] = red  # 2 pixels: below MIN_PIXELS
+    frames[2, 10:14, 20:24] = (220, 50 + int(COLOUR_THRESHOLD) + 5, 50)  # beyond the colour threshold
+    stats = object_stats(frames, red)
+    np.testing.assert_allclose(stats["centre"][0], [13.0, 6.0])
+    assert stats["area"][0] == 24 and stats["found"].tolist() == [True, False, False]
+    np.testing.assert_array_equal(stats["colour"][0], red)
+    assert np.isnan(track_object(frames, red)[1:]).all()
+
+
+def test_phase_shift_recovers_a_circular_shift():
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(48, 48))
+    for _ in range(3):  # smooth the noise so the peak is not a lone pixel
+        base = (base + np.roll(base, 1, 0) + np.roll(base, 1, 1) + np.roll(base, (1, 1), (0, 1))) / 4
+    img = np.repeat(((base - base.min()) / np.ptp(base) * 255)[..., None], 3, -1).astype(np.uint8)
+    for dx, dy in ((3, -2), (-5, 0), (0, 4)):
+        moved = np.roll(img, (dy, dx), axis=(0, 1))
+        got = phase_shift(img, moved)
+        assert got == pytest.approx((dx, dy), abs=0.25)
+
+
+def test_last_frame_error_and_penalty():
+    track = np.array([[1.0, 1.0], [4.0, 5.0]])
+    assert last_frame_error_px(track, (1.0, 1.0)) == pytest.approx(5.0)
+    lost = np.array([[1.0, 1.0], [np.nan, np.nan]])
+    assert math.isnan(last_frame_error_px(lost, (1.0, 1.0)))
+    assert last_frame_error_px(lost, (1.0, 1.0), penalty=90.5) == 90.5
+
+
+def test_load_heldout_reads_the_split_and_its_ground_truth(tmp_path):
+    write_dataset(tmp_path / "d", videos=6, images=0, seed=1, size=32, frames=3, holdout=0.5)
+    clips = load_heldout(tmp_path / "d")
+    assert len(clips) == 3 and len(load_heldout(tmp_path / "d", limit=2)) == 2
+    for c in clips:
+        assert c["truth"]["id"] == c["id"] and c["truth"]["caption"] == c["caption"] and c["path"].is_file()
+    (tmp_path / "d" / "videos" / f"{clips[0]['id']}.json").unlink()
+    with pytest.raises(EvalError, match="ground truth"):
+        load_heldout(tmp_path / "d")
+
+
+def test_parse_taus():
+    assert parse_taus(["0", "T/2", "T"], 50) == [0, 25, 50]
+    assert parse_taus(["T,10", "10"], 20) == [10, 20]
+    for bad in (["x"], ["51"], ["-1"]):
+        with pytest.raises(EvalError):
+            parse_taus(bad, 50)
+
+
+# --------------------------------------------------------------------------- metrics on whole videos
+
+
+@pytest.mark.parametrize("kind", MOTIONS)
+def test_perfect_video_scores_perfectly(kind):
+    for frames, truth in _clips(kind):
+        rec = score_video(frames, truth, frames[0])
+        assert rec["first_frame_psnr"] == PSNR_MAX_DB
+        assert rec["follows_text"], (kind, truth["direction"])
+        assert rec["last_frame_error_px"] < 0.5
+        assert rec["colour_kept"] == 1.0 and rec["shape_kept"] == 1.0 and rec["object_found"] == 1.0
+        if kind == "pan":
+            assert math.isnan(rec["background_flicker"])
+        else:
+            assert rec["background_flicker"] == 0.0
+
+
+@pytest.mark.parametrize("kind", ["move", "grow", "shrink", "pan"])
+def test_reversed_video_fails_directional_text(kind):
+    for frames, truth in _clips(kind):
+        assert not follows_text(measure_video(frames[::-1].copy(), truth), truth)
+
+
+def test_reversed_bounce_still_bounces():
+    # "bounces" names no direction: a reversal is one either way round.
+    for frames, truth in _clips("bounce"):
+        assert follows_text(measure_video(frames[::-1].copy(), truth), truth)
+
+
+def test_frozen_video_has_a_large_last_frame_error():
+    for frames, truth in _clips("move") + _clips("pan"):
+        frozen = np.repeat(frames[:1], FRAMES, axis=0)
+        rec = score_video(frozen, truth, frames[0])
+        travel = math.dist(truth["centre"][0], truth["centre"][-1])
+        assert travel >= 0.15 * SIZE
+        assert rec["last_frame_error_px"] == pytest.approx(travel, abs=0.5)
+        assert not rec["follows_text"]
+
+
+def test_motion_accuracy_counts_the_share_that_follows():
+    (fa, ta), (fb, tb) = _clips("move", 2)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    wrong = {**tb, "direction": opposite[tb["direction"]]}
+    tracks = [measure_video(fa, ta), measure_video(fb, tb)]
+    assert motion_accuracy(tracks, [ta, tb]) == 1.0
+    assert motion_accuracy(tracks, [ta, wrong]) == 0.5
+    # Barely moving: below the MIN_TRAVEL threshold the object has not moved.
+    m = measure_video(fa, ta)
+    m["centre"] = np.repeat(m["centre"][:1], FRAMES, 0)
+    m["centre"][-1] += 0.9 * MIN_TRAVEL * SIZE * np.array({"left": (-1, 0), "right": (1, 0), "up": (0, -1),
+                                                           "down": (0, 1)}[ta["direction"]])
+    assert not follows_text(m, ta)
+    with pytest.raises(EvalError):
+        motion_accuracy([], [])
+
+
+def test_consistency_metrics_catch_colour_and_size_jumps():
+    (frames, truth), = _clips("move", 1)
+    m = measure_video(frames, truth)
+    assert colour_kept(m, truth["rgb"]) == 1.0 and shape_kept(m, truth) == 1.0
+    recoloured = frames.copy()
+    k = FRAMES // 2
+    blob = object_stats(frames[k:k + 1], truth["rgb"])["found"]
+    assert blob.all()
+    mask = np.linalg.norm(frames[k].astype(float) - truth["rgb"], axis=-1) < COLOUR_THRESHOLD
+    recoloured[k][mask] = np.clip(np.asarray(truth["rgb"]) + (0, 40, 0), 0, 255)  # within threshold, off colour
+    assert colour_kept(measure_video(recoloured, truth), truth["rgb"]) == pytest.approx(1 - 1 / FRAMES)
+    m2 = dict(m)
+    m2["area"] = m["area"].copy()
+    m2["area"][k] *= 1 + 2 * AREA_JUMP  # one frame's area jumps: the pairs into and out of it fail
+    assert shape_kept(m2, truth) == pytest.approx(1 - 2 / (FRAMES - 1))
+
+
+def test_background_flicker_measures_background_change():
+    (frames, truth), = _clips("grow", 1)
+    m = measure_video(frames, truth)
+    noisy = frames.astype(int)
+    noisy[1::2] += 6  # every other frame brighter: each pair differs by 6 levels (no clipping here)
+    assert noisy.max() <= 255  # backgrounds stay below 200 levels: no clipping
+    noisy = noisy.astype(np.uint8)
+    assert background_flicker(noisy, truth, m) == pytest.approx(6.0, abs=1e-9)
+
+
+def test_aggregate_and_demo_model():
+    recs = [score_video(f, t, f[0]) for kind in MOTIONS for f, t in _clips(kind, 1)]
+    out = aggregate(recs)
+    assert out["motion_accuracy"] == 1.0 and set(out["motion_accuracy_by_kind"]) == set(MOTIONS)
+    with pytest.raises(EvalError, match="not shipped"):
+        demo_model_dir()
+
+
+def test_mp4_coding_keeps_the_metrics_near_perfect(tmp_path):
+    from pdengine.engine.media import read_video
+
+    out = tmp_path / "set"
+    write_dataset(out, videos=10, images=0, seed=3, size=SIZE, frames=FRAMES, fps=4.0, holdout=0.1)
+    recs = []
+    for i in range(10):
+        truth = json.loads((out / "videos" / f"clip{i:06d}.json").read_text())
+        video = read_video(out / "videos" / f"clip{i:06d}.mp4")
+        rendered, _ = render_clip(ClipSpec.from_dict(truth["spec"]), SIZE, FRAMES)
+        recs.append(score_video(video, truth, rendered[0]))
+    scores = aggregate(recs)
+    # crf 18 is near-lossless: the data itself must pass every text-following and position check.
+    assert scores["motion_accuracy"] == 1.0 and scores["object_found"] == 1.0
+    assert max(r["last_frame_error_px"] for r in recs) < 1.5
+    assert scores["first_frame_psnr"] > 30.0
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_eval_command_end_to_end(tiny_pipeline_dir, tmp_path):
+    data = tmp_path / "data"
+    write_dataset(data, videos=4, images=0, seed=0, size=32, frames=4, fps=4.0, holdout=0.5)
+    runner = CliRunner()
+    out = tmp_path / "eval.json"
+    args = ["--model", str(tiny_pipeline_dir), "--data", str(data), "--steps", "2", "--json", str(out),
+            "--device", "cpu", "--batch-size", "2"]
+    result = runner.invoke(eval_command, args)
+    assert result.exit_code == 0, result.output
+    assert "| run | tau |" in result.output
+    res = json.loads(out.read_text())
+    assert res["taus"] == [0, 1, 2] and res["headline_tau"] == 2 and res["videos"] == 2
+    assert isinstance(res["first_frame_psnr"], float) and 0 < res["first_frame_psnr"] <= PSNR_MAX_DB
+    assert 0.0 <= res["motion_accuracy"] <= 1.0
+    assert 0.0 <= res["last_frame_error_px"] <= math.hypot(32, 32)
+    assert set(res["last_frame_error_px_by_tau"]) == {"0", "1", "2"}
+    assert res["reference"]["motion_accuracy"] == 1.0
+    assert len(res["by_tau"]["2"]["per_video"]) == 2
+
+    demo = runner.invoke(eval_command, ["--data", str(data)])
+    assert demo.exit_code != 0 and "not shipped" in demo.output
+    no_data = runner.invoke(eval_command, ["--model", str(tiny_pipeline_dir), "--data", str(tmp_path / "none")])
+    assert no_data.exit_code != 0 and "heldout.csv" in no_data.output
