@@ -250,11 +250,15 @@ class PixelDancePipeline:
         return self.text_encoder(ids)[0].to(self.dtype)
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, C, H/8, W/8). Uses the posterior mean
-        (deterministic: the same instruction always gives the same latent)."""
-        posterior = self.vae.encode(images.to(self.device, self.dtype)).latent_dist
-        return ((posterior.mean - self.shift_factor) * self.scaling_factor).to(self.dtype)
+    def encode_images(self, images: torch.Tensor, images_per_chunk: int = 8) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled VAE latents (B, C, H/8, W/8), a few images at a time so
+        memory stays bounded. Uses the posterior mean (deterministic: the same instruction always gives the
+        same latent)."""
+        out = []
+        for chunk in images.split(max(1, images_per_chunk)):
+            posterior = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            out.append(((posterior.mean - self.shift_factor) * self.scaling_factor).to(self.dtype))
+        return torch.cat(out)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, frames_per_chunk: int = 8) -> torch.Tensor:

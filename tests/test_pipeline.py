@@ -241,3 +241,9 @@ def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu):
         sampler.graph.replay()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_encode_in_chunks_equals_whole(pipe):
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    torch.testing.assert_close(pipe.encode_images(images, images_per_chunk=2),
+                               pipe.encode_images(images, images_per_chunk=5), rtol=1e-5, atol=1e-5)
