@@ -217,11 +217,13 @@ def _register_training_commands() -> None:
     from pdengine.train.cli import cache_latents_command, train_command
     from pdengine.train.evaluate import eval_command
     from pdengine.train.synth import data_command
+    from pdengine.train.vae import train_vae_command
 
     main.add_command(train_command)
     main.add_command(cache_latents_command)
     main.add_command(data_command)
     main.add_command(eval_command)
+    main.add_command(train_vae_command)
 
 
 _register_training_commands()
