@@ -77,6 +77,20 @@ def check_image(path: str | os.PathLike) -> tuple[int, int]:
     return img.width, img.height
 
 
+def cover_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
+    """Resize an RGB image (Lanczos, antialiased) keeping its aspect ratio so it covers (height, width),
+    then centre-crop to exactly that size; uint8 (height, width, 3). Conditioning images and training
+    frames all go through this one rule."""
+    scale = max(width / img.width, height / img.height)
+    # max() guards against the covering side rounding one pixel short.
+    new_w = max(width, round(img.width * scale))
+    new_h = max(height, round(img.height * scale))
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)), dtype=np.uint8)
+
+
 def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor:
     """Load an image as float32 (3, height, width) in [-1, 1].
 
@@ -86,16 +100,7 @@ def load_image(path: str | os.PathLike, height: int, width: int) -> torch.Tensor
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise MediaError(f"{path}: {name} must be a positive int, got {v!r}")
-    img = _open_rgb(path)
-    scale = max(width / img.width, height / img.height)
-    # max() guards against the covering side rounding one pixel short.
-    new_w = max(width, round(img.width * scale))
-    new_h = max(height, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    img = img.crop((left, top, left + width, top + height))
-    array = np.asarray(img, dtype=np.uint8)  # (H, W, 3)
+    array = cover_crop(_open_rgb(path), height, width)  # (H, W, 3)
     tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32)
     return tensor / 127.5 - 1.0
 

@@ -199,20 +199,10 @@ def _media_paths(data_file: Path, rows: list[tuple[int, dict]], column: str,
 
 
 def _cover_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 (h, w, 3) -> (height, width, 3): Lanczos resize to cover, then centre crop.
+    """uint8 (h, w, 3) -> (height, width, 3) by `engine.media.cover_crop` (the rule conditioning images use)."""
+    from pdengine.engine.media import cover_crop
 
-    The same arithmetic as `engine.media.load_image`, so video frames and conditioning images are
-    prepared identically.
-    """
-    img = Image.fromarray(frame, "RGB")
-    scale = max(width / img.width, height / img.height)
-    new_w = max(width, round(img.width * scale))
-    new_h = max(height, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
-    left, top = (new_w - width) // 2, (new_h - height) // 2
-    img = img.crop((left, top, left + width, top + height))
-    return np.asarray(img, dtype=np.uint8)
+    return cover_crop(Image.fromarray(frame, "RGB"), height, width)
 
 
 def _to_unit_range(frames: np.ndarray) -> torch.Tensor:
