@@ -453,7 +453,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 def train_vae(data: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *,
               config: dict[str, Any] | str | os.PathLike | None = None, size: int = 64, steps: int = 3000,
               batch_size: int = 16, lr: float = 1e-3, schedule: str = "constant", kl_weight: float = 1e-6,
-              loss: str = "l1", augment: bool = True, seed: int = 0, device: str = "cpu",
+              loss: str = "mse", augment: bool = True, seed: int = 0, device: str = "cpu",
               log_every: int = 100, save_every: int = 500, resume: bool = False,
               eval_data: str | os.PathLike | None = None, eval_frames: int = 256,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -618,7 +618,8 @@ def train_vae(data: str | os.PathLike | Sequence[str | os.PathLike], out: str | 
 @click.option("--schedule", type=click.Choice(SCHEDULES), default="constant", help="Learning-rate schedule.")
 @click.option("--size", default=64, help="Frame side in pixels (a multiple of the VAE's factor, 4).")
 @click.option("--kl-weight", default=1e-6, help="KL weight (LDM convention: per sample, over 3*H*W pixels).")
-@click.option("--loss", type=click.Choice(LOSSES), default="l1", help="Reconstruction loss.")
+@click.option("--loss", type=click.Choice(LOSSES), default="mse",
+              help="Reconstruction loss (mse optimises PSNR directly).")
 @click.option("--augment/--no-augment", default=True, help="Random flips/transposes of the training frames.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="JSON file of AutoencoderKL arguments overriding the default small config.")
