@@ -4,34 +4,41 @@ The demo model needs a VAE that reconstructs its 64x64 scenes nearly perfectly (
 instruction is only as sharp as the VAE's reconstruction of it); Stable Diffusion's VAE is far too big for
 a CPU demo, so we train a small one.
 
-Data: a table (CSV/JSONL/Parquet, see `train.data.read_table`) with a `path` column, paths relative to the
-table's folder. Each row is an image, or a video (by suffix) whose every frame becomes a training frame.
-All frames are decoded once, resized to cover `size` x `size` and centre-cropped (the rule of
-`engine.media.load_image`), and kept in memory as uint8: N frames cost N * size * size * 3 bytes (1000
-synthetic clips of 16 frames at 64x64: 197 MB).
+Data: one or more tables (CSV/JSONL/Parquet, see `train.data.read_table`) with a `path` column, paths
+relative to the table's folder, e.g. a synthetic set's `images.csv` and `train.csv` together. Each row is
+an image, or a video (by suffix) whose every frame becomes a training frame. All frames are decoded once,
+resized to cover `size` x `size` and centre-cropped (the rule of `engine.media.load_image`), and kept in
+memory as uint8: N frames cost N * size * size * 3 bytes (900 synthetic clips of 16 frames plus 1000
+images at 64x64: 15400 frames, 190 MB). With `augment` (the default) each training frame goes through a
+random one of the square's 8 symmetries (flips, transposes).
 
 Model (`default_vae_config`): 3 levels of `DownEncoderBlock2D`/`UpDecoderBlock2D`, channels (32, 64, 64),
-one ResNet per level, 4 latent channels: a 64x64 frame becomes 16x16x4 latents (spatial factor 4, not
-SD's 8: at 64x64 an 8x8 latent grid is too coarse for the 2-pixel position accuracy the demo aims at).
+one ResNet per level, GroupNorm with 32 groups, 4 latent channels, 0.95M parameters: a 64x64 frame becomes
+16x16x4 latents (spatial factor 4, not SD's 8: at 64x64 an 8x8 latent grid is too coarse for the 2-pixel
+position accuracy the demo aims at).
 
 Loss, in Stable Diffusion's (LDM's) convention so that `kl_weight` means what it means there::
 
-    loss = mean |x - x̂|  +  kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)
+    loss = mean (x - x̂)²  +  kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)
 
 KL is summed over a sample's latent elements, averaged over the batch; dividing by the pixel count (3 H W)
 is the LDM loss (reconstruction summed per sample) scaled to a per-pixel mean so the learning rate does
-not depend on the image size. `loss="mse"` uses the squared error instead. z is a sample of the posterior.
+not depend on the image size. z is a sample of the posterior. `loss="mse"` (the default) optimises PSNR,
+the metric the demo is judged by, directly; `loss="l1"` is LDM's choice.
+Adam, constant learning rate by default (`schedule="cosine"` decays it to 0 at the last step).
 
 Scaling factor: after training, the latents (posterior means, which `engine.pipeline` encodes with) of up
 to `SCALE_FRAMES` training frames are measured and `scaling_factor = 1 / std` is written into the saved
 config, so `latents * scaling_factor` has unit variance, as the diffusion model's noise schedule assumes
-(SD measured its 0.18215 the same way). No shift is applied (`shift_factor` stays None): the KL term keeps
-the latent mean near zero, and `train_log.json` records it.
+(SD measured its 0.18215 the same way). No shift is applied (`shift_factor` stays None); the mean of the
+scaled latents is recorded in `train_log.json` (`latent_mean_scaled`).
 
-Determinism and resume: the weights are initialised from `seed`; step k draws its batch from
-`numpy.random.default_rng([seed, 1, k])` and its posterior sample from a torch generator seeded with
-`(seed, k)`. Every random draw is a function of (seed, step), so the checkpoint needs no RNG state: model
-+ Adam state + step resume exactly (bitwise on the CPU with the same thread count).
+Determinism and resume: the weights are initialised from `seed`; step k draws its batch and augmentation
+from `numpy.random.default_rng([seed, 1, k])` and its posterior sample from a torch generator seeded from
+`(seed, 3, k)`; its learning rate is a function of k. Every random draw is a function of (seed, step), so
+the checkpoint needs no RNG state: model + Adam state + step resume exactly (bitwise on the CPU with the
+same thread count). A resume must use the checkpoint's settings; only `steps` may grow, and only with
+the constant schedule (the cosine one spans the planned steps).
 
 Output folder::
 
@@ -142,7 +149,10 @@ def resolve_config(config: dict[str, Any] | str | os.PathLike | None, size: int)
         raise VaeTrainError(f"unknown AutoencoderKL argument(s) {unknown}; allowed: {sorted(allowed)}")
     if "sample_size" in overrides and overrides["sample_size"] != size:
         raise VaeTrainError(f"config sample_size={overrides['sample_size']} differs from size={size}")
-    cfg = {**default_vae_config(size), **overrides}
+    try:  # a JSON round trip: tuples become lists, as in a saved config (a resume compares them)
+        cfg = json.loads(json.dumps({**default_vae_config(size), **overrides}))
+    except TypeError as e:
+        raise VaeTrainError(f"config values must be JSON-serialisable: {e}") from None
     channels = list(cfg["block_out_channels"])
     cfg["block_out_channels"] = channels
     for key in ("down_block_types", "up_block_types"):
@@ -186,7 +196,7 @@ def load_frames(data: str | os.PathLike | Sequence[str | os.PathLike], size: int
 
 def _load_table(data: Path, size: int, column: str) -> np.ndarray:
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     from pdengine.engine.media import MediaError, read_video
 
@@ -210,7 +220,8 @@ def _load_table(data: Path, size: int, column: str) -> np.ndarray:
         else:
             try:
                 with Image.open(path) as img:
-                    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                    # EXIF orientation applied, as `engine.media.load_image` does for conditioning images.
+                    rgb = np.asarray(ImageOps.exif_transpose(img).convert("RGB"), dtype=np.uint8)
             except (UnidentifiedImageError, OSError) as e:
                 raise VaeTrainError(f"{data}: {path}: not an image or video that can be read ({e})") from None
             frames.append(_cover_crop(rgb, size, size))
@@ -278,9 +289,11 @@ def _measure(vae: AutoencoderKL, frames: np.ndarray, device: torch.device) -> di
     return {"psnr": np.concatenate(psnrs), "latent_mean": mean, "latent_std": std}
 
 
-def evaluate_vae(vae_dir: str | os.PathLike, data: str | os.PathLike, n: int | None = 256, *, seed: int = 0,
-                 device: str = "cpu") -> dict[str, Any]:
+def evaluate_vae(vae_dir: str | os.PathLike, data: str | os.PathLike | Sequence[str | os.PathLike],
+                 n: int | None = 256, *, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Reconstruction quality of a saved VAE on `n` frames of `data` (all frames when n is None).
+
+    `data` is one table or several, as for `train_vae`; `n` frames are a seeded subset (`seed`).
 
     Frames are encoded to the posterior mean (as `engine.pipeline` does), decoded, clamped and rounded to
     uint8, and compared with the source frames. Returns psnr_db (mean of per-frame PSNRs, peak 255),
