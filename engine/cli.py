@@ -36,12 +36,14 @@ def _quiet_libraries() -> None:
 @click.argument("prompt", nargs=-1)
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="A .txt (one prompt a line) or .jsonl (prompt/first_frame/last_frame/seed) file.")
-@click.option("--model", default="tiny-random",
-              help="PixelDance model folder, or 'tiny-random' (random weights: makes noise).")
+@click.option("--model", default="demo",
+              help="PixelDance model folder, 'demo' (the shipped demo model: 64x64, 8 frames, synthetic "
+                   "shapes) or 'tiny-random' (random weights: makes noise).")
 @click.option("--first-frame", type=click.Path(dir_okay=False), help="First-frame instruction image.")
 @click.option("--last-frame", type=click.Path(dir_okay=False), help="Last-frame instruction image.")
-@click.option("--frames", default=16, help="Frames per clip.")
-@click.option("--size", default=256, help="Square size in pixels (multiple of 8).")
+@click.option("--frames", type=int, help="Frames per clip.  [default: the model's, else 16]")
+@click.option("--size", type=int, help="Square size in pixels (a multiple of the VAE's factor).  "
+                                       "[default: the model's, else 256]")
 @click.option("--height", type=int, help="Height in pixels (overrides --size).")
 @click.option("--width", type=int, help="Width in pixels (overrides --size).")
 @click.option("--steps", default=50, help="Denoising steps.")
@@ -70,7 +72,7 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
     """Sample PixelDance videos from text + first frame (+ optional last frame)."""
     from pathlib import Path
 
-    from .generate import GenerateError, GenerateJob, run_generate
+    from .generate import GenerateError, GenerateJob, run_generate, sample_defaults
     from .media import MediaError
     from .pipeline import ModelFolderError, SampleSettings
     from .prompts import PromptFileError, PromptSpec, read_prompts
@@ -88,6 +90,10 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
                 batch_size = int(batch_size)
             except ValueError:
                 raise GenerateError(f"--batch-size must be an integer or 'auto', got {batch_size!r}") from None
+        if frames is None or (size is None and not (height and width)):
+            defaults = sample_defaults(model)
+            frames = defaults["frames"] if frames is None else frames
+            size = defaults["size"] if size is None else size
         settings = SampleSettings(num_frames=frames, height=height or size, width=width or size, steps=steps,
                                   sampler=sampler, eta=eta, guidance=guidance, tau=tau)
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,
@@ -215,6 +221,7 @@ def info(as_json):
 def _register_training_commands() -> None:
     # train/cli.py imports only click and the stdlib at module level, so --help stays torch-free.
     from pdengine.train.cli import cache_latents_command, train_command
+    from pdengine.train.demo import demo_command
     from pdengine.train.evaluate import eval_command
     from pdengine.train.synth import data_command
     from pdengine.train.vae import train_vae_command
@@ -224,6 +231,7 @@ def _register_training_commands() -> None:
     main.add_command(data_command)
     main.add_command(eval_command)
     main.add_command(train_vae_command)
+    main.add_command(demo_command)
 
 
 _register_training_commands()

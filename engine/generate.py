@@ -19,7 +19,9 @@ from .prompts import PromptSpec, assign_seeds
 FORMATS = ("mp4", "gif", "png")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
-BUILTIN_MODELS = ("tiny-random",)
+BUILTIN_MODELS = ("demo", "tiny-random")
+DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the shipped demo model (package data)
+FALLBACK_FRAMES, FALLBACK_SIZE = 16, 256  # when neither the command line nor the model folder says
 
 
 class GenerateError(ValueError):
@@ -44,13 +46,39 @@ class GenerateJob:
     cuda_graph: bool = True
 
 
+def demo_model_dir() -> Path:
+    """The shipped demo model's folder (`--model demo`)."""
+    if not (DEMO_DIR / "model_index.json").is_file():
+        raise GenerateError(f"the demo model is missing from this installation ({DEMO_DIR}): reinstall "
+                            "pixeldance-engine, or pass --model DIR")
+    return DEMO_DIR
+
+
 def resolve_model(name: str) -> Path:
-    """A model folder path, or a built-in name (`tiny-random`, built on first use)."""
+    """A model folder path, or a built-in name (`demo`, shipped; `tiny-random`, built on first use)."""
+    if name == "demo":
+        return demo_model_dir()
     if name == "tiny-random":
         from .tiny import ensure_tiny_random
 
         return ensure_tiny_random()
     return Path(name).expanduser()
+
+
+def sample_defaults(name: str) -> dict[str, int]:
+    """{"frames", "size"} to sample at when the command line does not say: the model folder's
+    `_sample_defaults` (what it was trained at, in model_index.json) over FALLBACK_FRAMES / FALLBACK_SIZE."""
+    out = {"frames": FALLBACK_FRAMES, "size": FALLBACK_SIZE}
+    if name == "tiny-random":
+        return out
+    index = resolve_model(name) / "model_index.json"
+    if index.is_file():
+        try:
+            given = json.loads(index.read_text()).get("_sample_defaults") or {}
+        except (OSError, json.JSONDecodeError):
+            given = {}  # check_model_folder reports a broken folder with its own message
+        out.update({k: int(v) for k, v in given.items() if k in out})
+    return out
 
 
 def _vae_scale_factor(model_dir: Path) -> int:
@@ -85,12 +113,14 @@ def validate_job(job: GenerateJob) -> None:
         raise GenerateError(f"--dtype must be one of {sorted(DTYPES)}, got {job.dtype!r}")
     if job.seed < 0:
         raise GenerateError(f"--seed must be >= 0, got {job.seed}")
-    if job.model not in BUILTIN_MODELS:
-        job.model = str(Path(job.model).expanduser())
-        check_model_folder(job.model)
-        scale = _vae_scale_factor(Path(job.model))
-    else:
+    if job.model == "tiny-random":
         scale = 8
+    else:
+        if job.model not in BUILTIN_MODELS:
+            job.model = str(Path(job.model).expanduser())
+        model_dir = resolve_model(job.model)
+        check_model_folder(model_dir)
+        scale = _vae_scale_factor(model_dir)
     try:
         job.settings.validate(scale)
     except ValueError as e:

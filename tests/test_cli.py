@@ -313,3 +313,30 @@ def test_review_fixes_eta_convert_and_home_paths(tiny_pipeline_dir, tiny_modelsc
     run("convert", "--from", "modelscope", half, "--out", tmp_path / "half-pd")
     with safe_open(str(tmp_path / "half-pd" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as fh:
         assert fh.get_tensor("conv_in.weight").dtype == torch.float16
+
+
+def test_sample_defaults_come_from_the_model_folder(tiny_pipeline_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from pdengine.engine import generate
+
+    assert generate.sample_defaults(str(tiny_pipeline_dir)) == {"frames": 16, "size": 256}  # none given
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_sample_defaults": {"frames": 3, "size": 32}}))
+    assert generate.sample_defaults(str(folder)) == {"frames": 3, "size": 32}
+    result = run("generate", "a red circle", "--model", folder, "--steps", "2", "--format", "png",
+                 "--out", tmp_path / "o")
+    record = json.loads((tmp_path / "o" / "manifest.jsonl").read_text().splitlines()[0])
+    frames = sorted((tmp_path / "o" / record["file"]).glob("*.png"))
+    assert len(frames) == 3  # the folder's frame count, at its size
+    from PIL import Image
+
+    assert Image.open(frames[0]).size == (32, 32)
+    assert "RANDOM" in result.output  # the tiny folder says its weights are random
+
+    monkeypatch.setattr(generate, "DEMO_DIR", tmp_path / "not-installed")
+    missing = run("generate", "x", "--out", tmp_path / "o2", ok=False)
+    assert missing.exit_code != 0 and "demo model is missing" in missing.output

@@ -104,3 +104,17 @@ def test_fused_input_kernel_equals_the_reference(perturb, f):
     assert_close(fused.unet_input, ref.unet_input, name="unet input")
     assert torch.equal(fused.target, ref.target) and torch.equal(fused.timesteps, ref.timesteps)
     assert torch.equal(fused.keep_last, ref.keep_last) and torch.equal(fused.context, ref.context)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_v_prediction_target_is_diffusers_velocity(use_kernel):
+    """prediction_type "v_prediction": the same draws and UNet input, the target is diffusers' velocity."""
+    z0, text, uncond = _batch(b=3, f=4)
+    eps_cfg, v_cfg = RecipeConfig(), RecipeConfig(prediction_type="v_prediction")
+    ref = training_inputs(z0, text, uncond, ABAR, eps_cfg, torch.Generator().manual_seed(3), use_kernel=use_kernel)
+    out = training_inputs(z0, text, uncond, ABAR, v_cfg, torch.Generator().manual_seed(3), use_kernel=use_kernel)
+    assert torch.equal(out.unet_input, ref.unet_input) and torch.equal(out.timesteps, ref.timesteps)
+    velocity = DDPMScheduler.from_config(SD_SCHEDULE).get_velocity(z0, ref.target, ref.timesteps)
+    assert_close(out.target, velocity, name="v target")
+    with pytest.raises(ValueError, match="prediction_type"):
+        RecipeConfig(prediction_type="sample").validate()

@@ -599,3 +599,27 @@ def test_two_processes_match_one(tiny_pipeline_dir, cache_dir, tmp_path):
     for rank in (0, 1):
         assert "step 2: loss is nan" in (tmp_path / "nan" / f"stopped-{rank}").read_text()
     assert [s for s, _ in list_checkpoints(tmp_path / "nan")] == []
+
+
+def test_prediction_type_follows_the_model_folders_scheduler(tiny_pipeline_dir, cache_dir, tmp_path, monkeypatch):
+    """A folder whose scheduler predicts v trains on the v target (and its checkpoints keep saying so)."""
+    import shutil
+
+    folder = tmp_path / "v-model"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text())
+    sched_path.write_text(json.dumps({**sched, "prediction_type": "v_prediction"}))
+    seen = []
+    real = trainer.micro_batch_loss
+
+    def recording(*args, **kwargs):
+        seen.append(args[5].prediction_type)  # the RecipeConfig
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "micro_batch_loss", recording)
+    out = tmp_path / "run"
+    train(_cfg(folder, cache_dir, out, steps=1))
+    assert seen == ["v_prediction"]
+    saved = json.loads((out / "final" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"

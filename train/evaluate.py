@@ -327,8 +327,13 @@ def aggregate(records: Sequence[dict]) -> dict:
 
 def demo_model_dir() -> Path:
     """The shipped demo model's folder (`--model demo`)."""
-    # Issue 6 ships a trained demo model with the package; until it lands there is nothing to point at.
-    raise EvalError("the demo model is not shipped yet: pass --model DIR (a PixelDance model folder)")
+    from pdengine.engine.generate import GenerateError
+    from pdengine.engine.generate import demo_model_dir as shipped
+
+    try:
+        return shipped()
+    except GenerateError as e:
+        raise EvalError(str(e)) from None
 
 
 def resolve_model(name: str) -> Path:

@@ -3,7 +3,10 @@
 One step, for video latents z_0 (B, C, F, h, w) with text embeddings:
 
 1. DDPM forward process: t ~ U{0..T-1} per sample, eps ~ N(0, I), z_t = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps
-   (epsilon prediction, MSE loss).
+   (epsilon prediction, MSE loss, as the paper). `prediction_type` "v_prediction" regresses
+   v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 instead (it follows the model folder's scheduler config, so
+   sampling reads the output the same way): its loss does not vanish at high noise, where eps-prediction
+   lets a model ignore the image instructions (the x0 it implies there is off by 1/sqrt(abar_t)).
 2. Image instructions from the clip itself: the first-frame instruction is the real first frame; the
    last-frame instruction is one of the last `last_frame_window` (3) real frames at random, so a rough
    draft works at inference.
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from pdengine.engine.conditioning import build_c_image
 
 PERTURB_MODES = ("instructions", "last", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -41,6 +45,7 @@ class RecipeConfig:
     cond_timestep: int = 100  # instructions are noised to this timestep
     last_frame_window: int = 3  # last-frame instruction picked among the last N real frames
     perturb: str = "instructions"  # "instructions" | "last" | "none"
+    prediction_type: str = "epsilon"  # what the UNet regresses: "epsilon" | "v_prediction"
 
     def validate(self, num_train_timesteps: int = 1000) -> None:
         for name in ("eta", "text_drop"):
@@ -53,6 +58,8 @@ class RecipeConfig:
             raise ValueError(f"last_frame_window must be >= 1, got {self.last_frame_window}")
         if self.perturb not in PERTURB_MODES:
             raise ValueError(f"perturb must be one of {PERTURB_MODES}, got {self.perturb!r}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +70,7 @@ class TrainingInputs:
     unet_input: torch.Tensor  # (B, 2C, F, h, w)
     timesteps: torch.Tensor  # (B,) int64
     context: torch.Tensor  # (B, L, D)
-    target: torch.Tensor  # (B, C, F, h, w): the noise eps
+    target: torch.Tensor  # (B, C, F, h, w): the noise eps, or v (RecipeConfig.prediction_type)
     keep_last: torch.Tensor  # (B,) bool: last-frame instruction kept
     text_kept: torch.Tensor  # (B,) bool: caption kept (not replaced by the empty prompt)
 
@@ -109,6 +116,11 @@ def training_inputs(
     noise_last = _randn((b, c, h, w), gen, z0)
 
     t_dev = t.to(device)
+    if cfg.prediction_type == "v_prediction":
+        a_t = abar[t_dev].reshape(b, 1, 1, 1, 1)
+        target = (a_t.sqrt() * eps.to(device) - (1 - a_t).sqrt() * z0.float()).to(z0.dtype)
+    else:
+        target = eps.to(z0.dtype)
     context = torch.where(text_kept.to(device).reshape(b, 1, 1), text, uncond.to(text.dtype).expand_as(text))
     if use_kernel and f > 1:  # image batches (F = 1) have no instruction slots: the reference path below
         from pdengine.kernels.concat_cond import concat_condition_train
@@ -120,8 +132,7 @@ def training_inputs(
             cond_noise_last=noise_last.to(z0.dtype) if cfg.perturb in ("instructions", "last") else None,
             cond_timestep=cfg.cond_timestep,
         )
-        return TrainingInputs(unet_input, t_dev, context, eps.to(z0.dtype), keep_last.to(device),
-                              text_kept.to(device))
+        return TrainingInputs(unet_input, t_dev, context, target, keep_last.to(device), text_kept.to(device))
 
     a = abar[t_dev].reshape(b, 1, 1, 1, 1)
     z_t = a.sqrt() * z0.float() + (1 - a).sqrt() * eps
@@ -140,13 +151,13 @@ def training_inputs(
         f_last = f_last * keep_last.to(device=device, dtype=f_last.dtype).reshape(b, 1, 1, 1)
         c_image = build_c_image(f_first, f_last, f)
     unet_input = torch.cat([z_t, c_image], dim=1).to(z0.dtype)
-    return TrainingInputs(unet_input, t_dev, context, eps.to(z0.dtype), keep_last.to(device), text_kept.to(device))
+    return TrainingInputs(unet_input, t_dev, context, target, keep_last.to(device), text_kept.to(device))
 
 
 def training_loss(unet: torch.nn.Module, z0: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor,
                   alphas_cumprod: torch.Tensor, cfg: RecipeConfig, gen: torch.Generator,
                   use_kernel: bool | None = None) -> torch.Tensor:
-    """MSE between the UNet's noise prediction and the true noise (fp32 loss). `use_kernel` None: the
+    """MSE between the UNet's prediction and its target (eps or v; fp32 loss). `use_kernel` None: the
     fused input kernel when the UNet's backend runs kernels for these tensors (CUDA with "auto")."""
     if use_kernel is None:
         from pdengine.model.layers import use_kernels

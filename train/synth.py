@@ -232,6 +232,15 @@ def caption(spec: ClipSpec, rng: np.random.Generator | None = None) -> str:
     return obj
 
 
+def vocabulary() -> list[str]:
+    """Every word a caption of this generator can contain (sorted): what a demo tokenizer must know."""
+    words = {"a", "the", "camera", "pans", "moves", "to", "bounces", "grows", "shrinks", *SHAPES, *COLOURS,
+             *DIRECTIONS}
+    for phrase in _BG_PHRASE.values():
+        words.update(phrase.split())
+    return sorted(words)
+
+
 # ---------------------------------------------------------------------------------------------
 # Geometry and rendering
 # ---------------------------------------------------------------------------------------------

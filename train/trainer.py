@@ -4,7 +4,8 @@ One optimizer step = `grad_accum` micro-batches of `batch_size` samples per proc
 `image_every`-th step (when image data is given) takes its micro-batches from the image data instead
 (F = 1: the UNet bypasses its temporal layers, c_image is zeros). Each micro-batch is encoded with the
 frozen VAE and text encoder (raw data) or read from a latent cache, the recipe draws t, the noise and
-the instruction/text drops from one CPU generator, and the UNet's noise prediction is scored with MSE.
+the instruction/text drops from one CPU generator, and the UNet's prediction (noise, or v when the model
+folder's scheduler says v_prediction) is scored with MSE.
 
 Determinism and resumption: every random draw of a step comes from state that checkpoints hold
 (the recipe's generator, torch/numpy/python RNGs of every rank, the samplers' positions, the optimizer
@@ -848,6 +849,8 @@ class _Run:
         self._build_data(state)
         self._build_encoders()
         self.scheduler_config = cfg.scheduler_config()
+        # The UNet learns what the model folder's scheduler says it predicts, so sampling reads it back the same.
+        self.recipe.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         try:
             self.alphas_cumprod = load_scheduler(self.scheduler_config, kind="ddpm").alphas_cumprod
             self.recipe.validate(len(self.alphas_cumprod))
