@@ -41,8 +41,8 @@ DEMO_FRAMES = 8
 
 # v-prediction (the scheduler config says so; `pdengine train` and the samplers follow it): with epsilon
 # prediction, a short CPU run learned to ignore the image instructions at high noise (measured: the x0 its
-# output implied at t = 999 was off by 5.9 in unit-variance latents, and zeroing c_image changed its loss by
-# under 1% there), so its samples started from a wrong layout.
+# output implied at t = 999 was off by 5.9 in unit-variance latents, and zeroing c_image changed its loss
+# there by 0-5%), so its samples started from a wrong layout.
 DEMO_PREDICTION = "v_prediction"
 
 DEMO_UNET: dict[str, Any] = {
