@@ -28,6 +28,7 @@ The parts `demo init` writes:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -199,7 +200,7 @@ def package_demo(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: 
         n = 0
         with safe_open(str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
             for key in f.keys():
-                n += _numel(f.get_slice(key).get_shape())
+                n += math.prod(f.get_slice(key).get_shape())
         record["unet_parameters"] = n
         record["weights"] = "ema" if ema else "raw"
         record["unet_config"] = json.loads((tmp / "unet" / "config.json").read_text())
@@ -212,13 +213,6 @@ def package_demo(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: 
         if tmp.exists():
             shutil.rmtree(tmp)
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 EXAMPLE = {"shape": "circle", "colour": "red", "motion": "move", "direction": "right", "start": [0.25, 0.55],
@@ -261,7 +255,7 @@ def write_gallery(model: str, data: str | os.PathLike, out: str | os.PathLike, *
     from pdengine.engine.media import frames_to_uint8, read_video, write_video
     from pdengine.engine.pipeline import PixelDancePipeline, SampleSettings
 
-    from .evaluate import load_heldout, resolve_model
+    from .evaluate import frame_to_tensor, load_heldout, resolve_model
 
     out = Path(out)
     clips, seen = [], set()
@@ -273,11 +267,9 @@ def write_gallery(model: str, data: str | os.PathLike, out: str | os.PathLike, *
     frames, size = clips[0]["truth"]["frames"], clips[0]["truth"]["size"]
     pipe = PixelDancePipeline.from_pretrained(resolve_model(model), device="cpu", dtype=torch.float32)
 
-    def image(frame):
-        return torch.from_numpy(frame.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
-
     settings = SampleSettings(num_frames=frames, height=size, width=size, steps=steps, guidance=guidance, tau=steps)
-    gen = pipe.generate([c["caption"] for c in clips], [image(v[0]) for v in videos], [image(v[-1]) for v in videos],
+    gen = pipe.generate([c["caption"] for c in clips], [frame_to_tensor(v[0]) for v in videos],
+                        [frame_to_tensor(v[-1]) for v in videos],
                         [seed + i for i in range(len(clips))], settings)
     out.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -400,6 +400,13 @@ def load_heldout(data: str | os.PathLike, limit: int | None = None) -> list[dict
     return clips
 
 
+def frame_to_tensor(frame: np.ndarray):  # -> torch.Tensor
+    """A uint8 frame (H, W, 3) as the pipeline's image instruction: float32 (3, H, W) in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(frame.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+
+
 def _pick(device: str | None, dtype: str) -> tuple[str, object]:
     import torch
 
@@ -440,11 +447,8 @@ def evaluate(model: str, data: str | os.PathLike, *, limit: int | None = None, t
 
     pipe = PixelDancePipeline.from_pretrained(model_dir, device=device, dtype=torch_dtype)
 
-    def image(frame: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(frame.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
-
-    firsts = [image(v[0]) for v in videos]
-    lasts = [image(v[-1]) for v in videos]
+    firsts = [frame_to_tensor(v[0]) for v in videos]
+    lasts = [frame_to_tensor(v[-1]) for v in videos]
     roundtrip = []
     for i in range(0, len(clips), batch_size):
         lat = pipe.encode_images(torch.stack(firsts[i:i + batch_size]))
