@@ -49,7 +49,8 @@ def _quiet_libraries() -> None:
 @click.option("--steps", default=50, help="Denoising steps.")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim")
 @click.option("--eta", default=0.0, help="DDIM eta (0: deterministic).")
-@click.option("--guidance", default=7.5, help="Classifier-free guidance scale on the text (<= 1: off).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale on the text (<= 1: off).  "
+                                             "[default: the model's, else 7.5]")
 @click.option("--tau", type=int, help="Steps that use the last-frame instruction  [default: steps // 2]")
 @click.option("--seed", default=0, help="Base seed; video i uses seed + i unless its line sets one.")
 @click.option("--batch-size", default="1", help="Videos sampled together, or 'auto' (largest that fits the GPU).")
@@ -90,10 +91,11 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
                 batch_size = int(batch_size)
             except ValueError:
                 raise GenerateError(f"--batch-size must be an integer or 'auto', got {batch_size!r}") from None
-        if frames is None or (size is None and not (height and width)):
+        if frames is None or guidance is None or (size is None and not (height and width)):
             defaults = sample_defaults(model)
             frames = defaults["frames"] if frames is None else frames
             size = defaults["size"] if size is None else size
+            guidance = defaults["guidance"] if guidance is None else guidance
         settings = SampleSettings(num_frames=frames, height=height or size, width=width or size, steps=steps,
                                   sampler=sampler, eta=eta, guidance=guidance, tau=tau)
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,

@@ -22,6 +22,7 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 BUILTIN_MODELS = ("demo", "tiny-random")
 DEMO_DIR = Path(__file__).resolve().parent / "demo"  # the shipped demo model (package data)
 FALLBACK_FRAMES, FALLBACK_SIZE = 16, 256  # when neither the command line nor the model folder says
+FALLBACK_GUIDANCE = 7.5
 
 
 class GenerateError(ValueError):
@@ -65,10 +66,11 @@ def resolve_model(name: str) -> Path:
     return Path(name).expanduser()
 
 
-def sample_defaults(name: str) -> dict[str, int]:
-    """{"frames", "size"} to sample at when the command line does not say: the model folder's
-    `_sample_defaults` (what it was trained at, in model_index.json) over FALLBACK_FRAMES / FALLBACK_SIZE."""
-    out = {"frames": FALLBACK_FRAMES, "size": FALLBACK_SIZE}
+def sample_defaults(name: str) -> dict[str, float]:
+    """{"frames", "size", "guidance"} to sample with when the command line does not say: the model folder's
+    `_sample_defaults` in model_index.json (the size it was trained at, the guidance measured best for it)
+    over FALLBACK_FRAMES / FALLBACK_SIZE / FALLBACK_GUIDANCE."""
+    out = {"frames": FALLBACK_FRAMES, "size": FALLBACK_SIZE, "guidance": FALLBACK_GUIDANCE}
     if name == "tiny-random":
         return out
     index = resolve_model(name) / "model_index.json"
@@ -77,7 +79,7 @@ def sample_defaults(name: str) -> dict[str, int]:
             given = json.loads(index.read_text()).get("_sample_defaults") or {}
         except (OSError, json.JSONDecodeError):
             given = {}  # check_model_folder reports a broken folder with its own message
-        out.update({k: int(v) for k, v in given.items() if k in out})
+        out.update({k: type(out[k])(v) for k, v in given.items() if k in out})
     return out
 
 

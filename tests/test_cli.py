@@ -321,12 +321,13 @@ def test_sample_defaults_come_from_the_model_folder(tiny_pipeline_dir, tmp_path,
 
     from pdengine.engine import generate
 
-    assert generate.sample_defaults(str(tiny_pipeline_dir)) == {"frames": 16, "size": 256}  # none given
+    assert generate.sample_defaults(str(tiny_pipeline_dir)) == {"frames": 16, "size": 256, "guidance": 7.5}
     folder = tmp_path / "m"
     shutil.copytree(tiny_pipeline_dir, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_sample_defaults": {"frames": 3, "size": 32}}))
-    assert generate.sample_defaults(str(folder)) == {"frames": 3, "size": 32}
+    given = {"frames": 3, "size": 32, "guidance": 2.5}
+    (folder / "model_index.json").write_text(json.dumps({**index, "_sample_defaults": given}))
+    assert generate.sample_defaults(str(folder)) == given
     result = run("generate", "a red circle", "--model", folder, "--steps", "2", "--format", "png",
                  "--out", tmp_path / "o")
     record = json.loads((tmp_path / "o" / "manifest.jsonl").read_text().splitlines()[0])
@@ -335,7 +336,11 @@ def test_sample_defaults_come_from_the_model_folder(tiny_pipeline_dir, tmp_path,
     from PIL import Image
 
     assert Image.open(frames[0]).size == (32, 32)
+    assert record["guidance"] == 2.5  # and its guidance
     assert "RANDOM" in result.output  # the tiny folder says its weights are random
+    run("generate", "a red circle", "--model", folder, "--steps", "1", "--frames", "2", "--size", "16",
+        "--guidance", "4", "--format", "png", "--out", tmp_path / "o3")
+    assert json.loads((tmp_path / "o3" / "manifest.jsonl").read_text().splitlines()[0])["guidance"] == 4.0
 
     monkeypatch.setattr(generate, "DEMO_DIR", tmp_path / "not-installed")
     missing = run("generate", "x", "--out", tmp_path / "o2", ok=False)

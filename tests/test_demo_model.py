@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pdengine.engine.cli import main
 from pdengine.engine.generate import DEMO_DIR, demo_model_dir, sample_defaults
-from pdengine.train.demo import DEMO_FRAMES, DEMO_SIZE, DEMO_UNET
+from pdengine.train.demo import DEMO_FRAMES, DEMO_GUIDANCE, DEMO_SIZE, DEMO_UNET
 from pdengine.train.evaluate import evaluate, track_object
 from pdengine.train.synth import COLOURS, ClipSpec, render_clip, sample_spec, write_dataset
 
@@ -28,7 +28,7 @@ def test_demo_folder_is_complete_and_small():
         assert list((DEMO_DIR / part).glob("*.safetensors")), part
     index = json.loads((DEMO_DIR / "model_index.json").read_text())
     assert index["_demo"] is True and "_random_weights" not in index
-    assert sample_defaults("demo") == {"frames": DEMO_FRAMES, "size": DEMO_SIZE}
+    assert sample_defaults("demo") == {"frames": DEMO_FRAMES, "size": DEMO_SIZE, "guidance": DEMO_GUIDANCE}
     unet = json.loads((DEMO_DIR / "unet" / "config.json").read_text())
     assert {k: unet[k] for k in DEMO_UNET} == DEMO_UNET
     record = json.loads((DEMO_DIR / "training.json").read_text())
@@ -47,6 +47,7 @@ def test_demo_follows_its_instructions_on_unseen_clips(unseen):
     # Loose bounds: well below what the shipped model scores on these clips, far above what a broken one
     # gets (a UNet trained for 5 steps scored 12 dB, found the object in 13% of frames, ended 67 px off).
     result = evaluate("demo", unseen, limit=6, taus=["T"], steps=20, batch_size=6, device="cpu")
+    assert result["guidance"] == DEMO_GUIDANCE  # the folder's sample default
     assert result["vae_roundtrip_psnr"] > 28.0
     assert result["first_frame_psnr"] > 24.0
     assert result["object_found"] > 0.75

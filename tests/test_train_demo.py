@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from pdengine.train.demo import (
     DEMO_FRAMES,
+    DEMO_GUIDANCE,
     DEMO_SIZE,
     DEMO_UNET,
     DemoError,
@@ -133,7 +134,7 @@ def test_package_ships_the_ema_weights_with_the_record(init_dir, tmp_path):
     assert all(torch.equal(shipped[k], v) for k, v in ema.state_dict().items())
     index = json.loads((out / "model_index.json").read_text())
     assert index["_demo"] is True and "_random_weights" not in index
-    assert index["_sample_defaults"] == {"frames": DEMO_FRAMES, "size": DEMO_SIZE}
+    assert index["_sample_defaults"] == {"frames": DEMO_FRAMES, "size": DEMO_SIZE, "guidance": DEMO_GUIDANCE}
     rec = json.loads((out / "training.json").read_text())
     assert rec["weights"] == "ema" and rec["unet_parameters"] == sum(p.numel() for p in ema.parameters())
     assert (out / "README.md").read_text() == "# demo\n" and not (out / "ema").exists()
@@ -213,6 +214,9 @@ def test_comparison_table(tmp_path):
     assert lines[0].startswith("| model | tau |") and len([x for x in lines if x.startswith("| full")]) == 2
     assert "| full | 0/10 | 31.23 | 0.900 | n/a | 1.000 | 0.500 |" in lines
     assert "| no-text | 10/10 | 20.00 | 0.250 |" in table
+    assert table.endswith("4 held-out clips, 10 DDIM steps, guidance 7.5.")
+    mixed = comparison_table({"g=7.5": result(30.0, 1.0), "g=1": {**result(30.0, 1.0), "guidance": 1.0}})
+    assert mixed.endswith("guidance 1.0 or 7.5 (as the model column says).")
     path = tmp_path / "r.json"
     path.write_text(json.dumps(result(30.0, 1.0)))
     out = CliRunner().invoke(demo_command, ["table", f"m={path}"])

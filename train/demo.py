@@ -39,6 +39,9 @@ import click
 
 DEMO_SIZE = 64
 DEMO_FRAMES = 8
+# The guidance scale the shipped folder asks for (`_sample_defaults`; `pdengine generate`/`eval`/`demo
+# gallery` use it unless told otherwise), the best of a sweep on held-out clips (engine/demo/README.md).
+DEMO_GUIDANCE = 2.0
 
 # v-prediction (the scheduler config says so; `pdengine train` and the samplers follow it): with epsilon
 # prediction, a short CPU run learned to ignore the image instructions at high noise (measured: the x0 its
@@ -162,10 +165,12 @@ def training_record(run: str | os.PathLike, upto: int | None = None) -> dict[str
 
 
 def package_demo(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
-                 ema: bool = True, readme: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+                 ema: bool = True, readme: str | os.PathLike | None = None, overwrite: bool = False,
+                 guidance: float = DEMO_GUIDANCE) -> Path:
     """Copy a finished run's `final/` model folder (or one of its checkpoints) to `out`, with the EMA weights
-    as its UNet when `ema`, marked as trained, plus `training.json` (`training_record` up to that step) and
-    README.md (`readme`'s text, if given). Built beside `out` and renamed into place."""
+    as its UNet when `ema`, marked as trained, with its sample defaults (the demo's frames and size,
+    `guidance`), plus `training.json` (`training_record` up to that step) and README.md (`readme`'s text, if
+    given). Built beside `out` and renamed into place."""
     from pdengine.engine.tiny import _check_target, _move_into_place
 
     from .checkpoint import EMA_DIR
@@ -192,7 +197,7 @@ def package_demo(run: str | os.PathLike, out: str | os.PathLike, *, checkpoint: 
         index = json.loads((final / "model_index.json").read_text())
         for key in ("_random_weights", "_training_step"):
             index.pop(key, None)
-        index["_sample_defaults"] = {"frames": DEMO_FRAMES, "size": DEMO_SIZE}
+        index["_sample_defaults"] = {"frames": DEMO_FRAMES, "size": DEMO_SIZE, "guidance": guidance}
         index["_demo"] = True
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         from safetensors import safe_open
@@ -245,10 +250,11 @@ def _panel(frames, scale: int):
 
 
 def write_gallery(model: str, data: str | os.PathLike, out: str | os.PathLike, *, steps: int = 50,
-                  guidance: float = 7.5, seed: int = 0, scale: int = 2) -> list[dict[str, str]]:
+                  guidance: float | None = None, seed: int = 0, scale: int = 2) -> list[dict[str, str]]:
     """One GIF per motion kind of the held-out clips of a synthetic set: [first-frame instruction |
     last-frame instruction | generated video (tau = T) | the held-out video itself], side by side.
-    Returns [{"file", "caption", "id"}] and writes `out/gallery.md` (a markdown table of them)."""
+    Returns [{"file", "caption", "id"}] and writes `out/gallery.md` (a markdown table of them).
+    `guidance` None: the model folder's (`sample_defaults`)."""
     import numpy as np
     import torch
 
@@ -265,7 +271,12 @@ def write_gallery(model: str, data: str | os.PathLike, out: str | os.PathLike, *
             clips.append(clip)
     videos = [read_video(c["path"]) for c in clips]
     frames, size = clips[0]["truth"]["frames"], clips[0]["truth"]["size"]
-    pipe = PixelDancePipeline.from_pretrained(resolve_model(model), device="cpu", dtype=torch.float32)
+    model_dir = resolve_model(model)
+    if guidance is None:
+        from pdengine.engine.generate import sample_defaults
+
+        guidance = sample_defaults(str(model_dir))["guidance"]
+    pipe = PixelDancePipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
 
     settings = SampleSettings(num_frames=frames, height=size, width=size, steps=steps, guidance=guidance, tau=steps)
     gen = pipe.generate([c["caption"] for c in clips], [frame_to_tensor(v[0]) for v in videos],
@@ -289,7 +300,8 @@ def write_gallery(model: str, data: str | os.PathLike, out: str | os.PathLike, *
 
 
 def comparison_table(results: dict[str, dict]) -> str:
-    """Markdown table of several `pdengine eval` results (name -> its JSON), one row per model and tau."""
+    """Markdown table of several `pdengine eval` results (name -> its JSON), one row per model and tau; name
+    the models by their guidance when it differs."""
     head = ["model", "tau", "first-frame PSNR (dB)", "motion acc.", "last-frame err (px)", "colour kept",
             "object found"]
     keys = ("first_frame_psnr", "motion_accuracy", "last_frame_error_px", "colour_kept", "object_found")
@@ -300,7 +312,10 @@ def comparison_table(results: dict[str, dict]) -> str:
             cells = ["n/a" if scores.get(k) is None else f.format(scores[k]) for k, f in zip(keys, fmts)]
             lines.append(f"| {name} | {tau}/{res['steps']} | " + " | ".join(cells) + " |")
     first = next(iter(results.values()))
-    lines.append(f"\n{first['videos']} held-out clips, {first['steps']} DDIM steps, guidance {first['guidance']}.")
+    scales = sorted({res["guidance"] for res in results.values()})
+    guidance = f"guidance {scales[0]}" if len(scales) == 1 else "guidance " + " or ".join(map(str, scales)) + \
+        " (as the model column says)"
+    lines.append(f"\n{first['videos']} held-out clips, {first['steps']} DDIM steps, {guidance}.")
     return "\n".join(lines)
 
 
@@ -337,11 +352,14 @@ def init_command(vae, out, seed, overwrite):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
 @click.option("--ema/--no-ema", default=True, help="Ship the EMA weights (the folder's ema/) as the UNet.")
 @click.option("--readme", type=click.Path(dir_okay=False), help="Markdown file to ship as the folder's README.md.")
+@click.option("--guidance", type=float, default=DEMO_GUIDANCE,
+              help="The guidance scale the folder asks samplers to use by default.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
-def package_command(run, checkpoint, out, ema, readme, overwrite):
+def package_command(run, checkpoint, out, ema, readme, guidance, overwrite):
     """Make a shippable model folder from a run: its final weights, training record and README."""
     try:
-        path = package_demo(run, out, checkpoint=checkpoint, ema=ema, readme=readme, overwrite=overwrite)
+        path = package_demo(run, out, checkpoint=checkpoint, ema=ema, readme=readme, overwrite=overwrite,
+                            guidance=guidance)
     except (DemoError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path}")
@@ -352,7 +370,8 @@ def package_command(run, checkpoint, out, ema, readme, overwrite):
 @click.option("--data", required=True, type=click.Path(file_okay=False), help="A `pdengine data synth` folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the GIFs and gallery.md.")
 @click.option("--steps", default=50, help="DDIM steps (tau = steps: the last frame steers every step).")
-@click.option("--guidance", default=7.5, help="Classifier-free guidance scale on the text.")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale on the text.  "
+                                             "[default: the model's, else 7.5]")
 @click.option("--seed", default=0, help="Clip i is sampled with seed + i.")
 def gallery_command(model, data, out, steps, guidance, seed):
     """GIFs of held-out clips, one per motion kind: first frame, last frame, generated, held-out video."""

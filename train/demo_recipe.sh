@@ -4,11 +4,12 @@
 #   bash train/demo_recipe.sh WORKDIR [STAGE...]
 #
 # Stages (default: all, in this order): data vae init cache full ablations package gallery eval ablation-eval.
-# Knobs (environment): FULL_STEPS (default 4000), ABLATION_STEPS (800), EVAL_CLIPS (96), ABLATION_EVAL_CLIPS
+# Knobs (environment): FULL_STEPS (default 6000), ABLATION_STEPS (800), EVAL_CLIPS (96), ABLATION_EVAL_CLIPS
 # (32), ABLATION_EVAL_STEPS (25), THREADS (1: torch threads per process, so that the full run and an ablation
-# run side by side on a 2-core machine), RESUME (non-empty: the full run continues from its last checkpoint),
+# run side by side on a 2-core machine), RESUME (non-empty: a run continues from its last checkpoint),
 # ONLY (no-last or no-text: train or evaluate just that run; full too for ablation-eval), EVAL_THREADS (2; 1
-# when a training run shares the 2 cores: oversubscribed OpenMP threads slowed sampling about 5x here).
+# when a training run shares the 2 cores: oversubscribed OpenMP threads slowed sampling about 5x here),
+# GUIDANCE (ablation-eval: a guidance scale instead of the packaged folders' default; tags the output names).
 # Deviations from the paper's recipe, for 8-frame 64x64 clips (see train/demo.py and the model README):
 #   --last-frame-window 1  the paper picks among the last 3 of 16 frames; here one frame moves an object up to
 #                          4.6 px, so a window of 3 would teach the clip to end up to 2 frames past the instruction;
@@ -21,7 +22,7 @@ set -euo pipefail
 W=${1:?usage: demo_recipe.sh WORKDIR [STAGE...]}
 shift || true
 STAGES=${*:-data vae init cache full ablations package gallery eval ablation-eval}
-FULL_STEPS=${FULL_STEPS:-4000}
+FULL_STEPS=${FULL_STEPS:-6000}
 ABLATION_STEPS=${ABLATION_STEPS:-800}
 EVAL_CLIPS=${EVAL_CLIPS:-96}
 ABLATION_EVAL_CLIPS=${ABLATION_EVAL_CLIPS:-32}
@@ -56,8 +57,8 @@ for stage in $STAGES; do
     ablations)
       # The paper's two ablations, trained like the full model for ABLATION_STEPS steps and compared with
       # the full run's checkpoint at the same step.
-      [ -n "${ONLY:-}" ] && [ "$ONLY" != no-last ] || train no-last "$ABLATION_STEPS" --eta 1.0  # never a last frame
-      [ -n "${ONLY:-}" ] && [ "$ONLY" != no-text ] || train no-text "$ABLATION_STEPS" --text-drop 1.0  # always the empty prompt
+      [ -n "${ONLY:-}" ] && [ "$ONLY" != no-last ] || train no-last "$ABLATION_STEPS" --eta 1.0 ${RESUME:+--resume}  # never a last frame
+      [ -n "${ONLY:-}" ] && [ "$ONLY" != no-text ] || train no-text "$ABLATION_STEPS" --text-drop 1.0 ${RESUME:+--resume}  # always the empty prompt
       ;;
     package)
       # The full run is stopped when the session's time is spent: ship its last checkpoint (CHECKPOINT=step-N
@@ -75,9 +76,10 @@ for stage in $STAGES; do
       for name in ${ONLY:-full no-last no-text}; do
         ckpt="$W/runs/$name/checkpoints/step-$(printf %06d "$ABLATION_STEPS")"
         pdengine demo package --run "$W/runs/$name" --checkpoint "$ckpt" --out "$W/eval/$name-$ABLATION_STEPS" --overwrite
+        tag=$name-$ABLATION_STEPS${GUIDANCE:+-g$GUIDANCE}
         OMP_NUM_THREADS=$THREADS pdengine eval --model "$W/eval/$name-$ABLATION_STEPS" --data "$W/data" \
           --limit "$ABLATION_EVAL_CLIPS" --steps "$ABLATION_EVAL_STEPS" --tau 0 --tau T --device cpu \
-          --json "$W/eval/$name-$ABLATION_STEPS.json" | tee "$W/eval/$name-$ABLATION_STEPS.md"
+          ${GUIDANCE:+--guidance "$GUIDANCE"} --json "$W/eval/$tag.json" | tee "$W/eval/$tag.md"
       done ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

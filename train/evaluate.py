@@ -420,12 +420,14 @@ def _pick(device: str | None, dtype: str) -> tuple[str, object]:
 
 
 def evaluate(model: str, data: str | os.PathLike, *, limit: int | None = None, taus: Sequence[str] = ("0", "T/2", "T"),
-             steps: int = 50, guidance: float = 7.5, seed: int = 0, batch_size: int = 8, device: str | None = None,
+             steps: int = 50, guidance: float | None = None, seed: int = 0, batch_size: int = 8, device: str | None = None,
              dtype: str = "auto", save: str | os.PathLike | None = None,
              log: Callable[[str], None] | None = None) -> dict:
-    """Sample the held-out clips once per tau and score them; returns the result (see `format_table`)."""
+    """Sample the held-out clips once per tau and score them; returns the result (see `format_table`).
+    `guidance` None: the model folder's (`sample_defaults`)."""
     import torch
 
+    from pdengine.engine.generate import sample_defaults
     from pdengine.engine.media import frames_to_uint8, read_video, write_video
     from pdengine.engine.pipeline import PixelDancePipeline, SampleSettings
 
@@ -434,6 +436,8 @@ def evaluate(model: str, data: str | os.PathLike, *, limit: int | None = None, t
     tau_list = parse_taus(taus, steps)
     clips = load_heldout(data, limit)
     model_dir = resolve_model(model)
+    if guidance is None:
+        guidance = sample_defaults(str(model_dir))["guidance"]
     device, torch_dtype = _pick(device, dtype)
     log = log or (lambda m: None)
     started = time.perf_counter()
@@ -551,7 +555,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
 @click.option("--tau", "taus", multiple=True, default=("0", "T/2", "T"),
               help="Last-frame steps to evaluate: integers, T (= steps) or T/2 (repeatable or comma-separated).")
 @click.option("--steps", default=50, help="DDIM steps T.")
-@click.option("--guidance", default=7.5, help="Classifier-free guidance scale on the text (<= 1: off).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale on the text (<= 1: off).  "
+                                             "[default: the model's, else 7.5]")
 @click.option("--seed", default=0, help="Clip i is sampled with seed + i (the same for every tau).")
 @click.option("--batch-size", default=8, help="Clips sampled together.")
 @click.option("--device", help="cpu, cuda, cuda:1 ...  [default: cuda if available]")
