@@ -116,9 +116,9 @@ def training_inputs(
     noise_last = _randn((b, c, h, w), gen, z0)
 
     t_dev = t.to(device)
+    a = abar[t_dev].reshape(b, 1, 1, 1, 1)
     if cfg.prediction_type == "v_prediction":
-        a_t = abar[t_dev].reshape(b, 1, 1, 1, 1)
-        target = (a_t.sqrt() * eps.to(device) - (1 - a_t).sqrt() * z0.float()).to(z0.dtype)
+        target = (a.sqrt() * eps.to(device) - (1 - a).sqrt() * z0.float()).to(z0.dtype)
     else:
         target = eps.to(z0.dtype)
     context = torch.where(text_kept.to(device).reshape(b, 1, 1), text, uncond.to(text.dtype).expand_as(text))
@@ -134,7 +134,6 @@ def training_inputs(
         )
         return TrainingInputs(unet_input, t_dev, context, target, keep_last.to(device), text_kept.to(device))
 
-    a = abar[t_dev].reshape(b, 1, 1, 1, 1)
     z_t = a.sqrt() * z0.float() + (1 - a).sqrt() * eps
     if f == 1:  # image batch: no instructions
         c_image = torch.zeros_like(z_t)
