@@ -5,11 +5,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pdengine.train.evaluate import (
     AREA_JUMP,
     COLOUR_THRESHOLD,
+    LOSS_TIMESTEPS,
     MIN_TRAVEL,
     PSNR_MAX_DB,
     EvalError,
@@ -20,12 +22,14 @@ from pdengine.train.evaluate import (
     eval_command,
     first_frame_psnr,
     follows_text,
+    heldout_loss,
     largest_component,
     last_frame_error_px,
     load_heldout,
     measure_video,
     motion_accuracy,
     object_stats,
+    opposite_caption,
     parse_taus,
     phase_shift,
     psnr,
@@ -33,7 +37,7 @@ from pdengine.train.evaluate import (
     shape_kept,
     track_object,
 )
-from pdengine.train.synth import MOTIONS, ClipSpec, render_clip, sample_spec, write_dataset
+from pdengine.train.synth import MOTIONS, ClipSpec, caption, render_clip, sample_spec, write_dataset
 
 SIZE, FRAMES = 64, 12
 
@@ -277,6 +281,91 @@ def test_eval_command_end_to_end(tiny_pipeline_dir, tmp_path):
     assert set(res["last_frame_error_px_by_tau"]) == {"0", "1", "2"}
     assert res["reference"]["motion_accuracy"] == 1.0
     assert len(res["by_tau"]["2"]["per_video"]) == 2
+    loss = res["heldout_loss"]
+    assert set(loss) == {"prediction_type", "timesteps", "opposite_clips", "first_last", "first_only"}
+    assert all(math.isfinite(loss[k][v]) for k in ("first_last", "first_only") for v in ("caption", "empty_prompt"))
+    assert "| empty prompt |" in result.output and "Held-out denoising loss" in result.output
 
     no_data = runner.invoke(eval_command, ["--model", str(tiny_pipeline_dir), "--data", str(tmp_path / "none")])
     assert no_data.exit_code != 0 and "heldout.csv" in no_data.output
+
+
+# --------------------------------------------------------------------------- held-out denoising loss
+
+
+@pytest.mark.parametrize("kind", ["move", "pan", "grow", "shrink"])
+def test_opposite_caption_flips_the_motion_and_back(kind):
+    for i in range(4):
+        spec = sample_spec(np.random.default_rng([5, i]), kind)
+        _, truth = render_clip(spec, 32, 4)
+        flipped = opposite_caption(truth)
+        assert flipped is not None and flipped != caption(spec)
+        words = set(flipped.split()) ^ set(caption(spec).split())  # the words that changed
+        assert words in ({"left", "right"}, {"up", "down"}, {"grows", "shrinks"})
+        back = json.loads(json.dumps(truth))
+        back["spec"] = {**truth["spec"], "motion": {"grow": "shrink", "shrink": "grow"}.get(kind, kind),
+                        "direction": {"left": "right", "right": "left", "up": "down", "down": "up"}.get(spec.direction)}
+        back["motion"] = back["spec"]["motion"]
+        assert opposite_caption(back) == caption(spec)
+
+
+@pytest.mark.parametrize("kind", ["bounce", "still"])
+def test_opposite_caption_is_none_without_a_direction(kind):
+    _, truth = render_clip(sample_spec(np.random.default_rng(3), kind), 32, 4)
+    assert opposite_caption(truth) is None
+    assert opposite_caption({"motion": "move"}) is None  # no spec to rewrite
+
+
+class _OraclePipe:
+    """Stands in for PixelDancePipeline in `heldout_loss`: its UNet recovers each clip from the first-frame
+    slot of c_image and returns the exact target (forward process inverted by hand) when the text is the
+    clip's caption, and the target + 1 otherwise; so the loss is 0 for captions and 1 for anything else."""
+
+    def __init__(self, z0, captions, prediction):
+        from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
+
+        self.scheduler_config = {**SD_SCHEDULE, "prediction_type": prediction}
+        self.abar = load_scheduler(self.scheduler_config, kind="ddpm").alphas_cumprod.float()
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.z0, self.captions, self.prediction = z0, list(captions), prediction
+        self.vocab = sorted(set(captions) | {""} | {f"not {c}" for c in captions})
+        self.calls = []
+
+    def encode_text(self, prompts):
+        return torch.stack([torch.full((3, 2), float(self.vocab.index(p))) for p in prompts])
+
+    def unet(self, x, t, text):
+        c = self.z0.shape[1]
+        z_t, c_image = x[:, :c], x[:, c:]
+        rows = [int(torch.argmin((self.z0[:, :, 0] - c_image[j:j + 1, :, 0]).flatten(1).abs().sum(1))) for j in range(len(x))]
+        x0 = self.z0[rows]
+        self.calls.append((bool(c_image[:, :, -1].abs().sum() > 0), c_image[:, :, 1:-1].abs().sum().item()))
+        assert torch.equal(c_image[:, :, 0], x0[:, :, 0])
+        a = self.abar[t].reshape(-1, 1, 1, 1, 1)
+        eps = (z_t - a.sqrt() * x0) / (1 - a).sqrt()
+        target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v_prediction" else eps
+        ok = torch.tensor([float(self.vocab[int(text[j, 0, 0])] == self.captions[r]) for j, r in enumerate(rows)])
+        return target + (1 - ok).reshape(-1, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
+def test_heldout_loss_against_an_oracle(prediction):
+    z0 = torch.randn(5, 4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    captions = [f"clip {i}" for i in range(5)]
+    opposites = [f"not clip {i}" if i % 2 else None for i in range(5)]
+    pipe = _OraclePipe(z0, captions, prediction)
+    res = heldout_loss(pipe, z0, captions, opposites, batch_size=2)
+    assert res["prediction_type"] == prediction and res["opposite_clips"] == 2
+    assert res["timesteps"] == list(LOSS_TIMESTEPS)
+    for key in ("first_last", "first_only"):
+        assert res[key]["caption"] == pytest.approx(0.0, abs=1e-6)
+        assert res[key]["caption_on_opposite_clips"] == pytest.approx(0.0, abs=1e-6)
+        assert res[key]["empty_prompt"] == pytest.approx(1.0, abs=1e-5)
+        assert res[key]["opposite"] == pytest.approx(1.0, abs=1e-5)
+    # the last-frame slot is filled exactly for "first_last", the slots between stay zero
+    assert {last for last, _ in pipe.calls} == {True, False} and all(mid == 0 for _, mid in pipe.calls)
+    assert heldout_loss(pipe, z0, captions, opposites, batch_size=5) == res
+    none = heldout_loss(pipe, z0, captions, [None] * 5)
+    assert none["opposite_clips"] == 0 and none["first_only"]["opposite"] is None
+    with pytest.raises(EvalError, match="captions"):
+        heldout_loss(pipe, z0, captions[:4], opposites)

@@ -92,6 +92,21 @@ def test_init_is_deterministic_and_refuses_bad_input(init_dir, vae_dir, tmp_path
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_init_can_pretrain_the_text_encoder(init_dir, vae_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    pre = write_demo_init(tmp_path / "pre", vae_dir, seed=0, text_steps=5)
+    record = json.loads((pre / "text_encoder" / "pretraining.json").read_text())
+    assert record["steps"] == 5 and record["seed"] == 0 and record["captions"] > 100
+    assert not (init_dir / "text_encoder" / "pretraining.json").exists()
+    a, b = load_file(init_dir / "text_encoder/model.safetensors"), load_file(pre / "text_encoder/model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # trained ...
+    a, b = load_file(init_dir / "unet/diffusion_pytorch_model.safetensors"), load_file(pre / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # ... and nothing else changed
+    with pytest.raises(DemoError, match="text-steps"):
+        write_demo_init(tmp_path / "neg", vae_dir, text_steps=-1)
+
+
 def _fake_run(run, init_dir, losses):
     """A run folder as `pdengine train` leaves it: metrics.jsonl and final/ with ema/."""
     import shutil
@@ -215,6 +230,14 @@ def test_comparison_table(tmp_path):
     assert "| full | 0/10 | 31.23 | 0.900 | n/a | 1.000 | 0.500 |" in lines
     assert "| no-text | 10/10 | 20.00 | 0.250 |" in table
     assert table.endswith("4 held-out clips, 10 DDIM steps, guidance 7.5.")
+    assert "denoising loss" not in table  # results without it (older JSON) get no loss table
+    loss = {"prediction_type": "v_prediction", "timesteps": [100, 900], "opposite_clips": 3,
+            "first_last": {"caption": 0.04, "empty_prompt": 0.05, "opposite": None, "caption_on_opposite_clips": None},
+            "first_only": {"caption": 0.06, "empty_prompt": 0.07, "opposite": 0.08, "caption_on_opposite_clips": 0.061}}
+    with_loss = comparison_table({"full": {**result(31.0, 0.9), "heldout_loss": loss}, "old": result(20.0, 0.25)})
+    assert "| full | first + last | 0.0400 | 0.0500 | n/a | n/a |" in with_loss
+    assert "| full | first only | 0.0600 | 0.0700 | 0.0800 | 0.0610 |" in with_loss
+    assert "| old | first" not in with_loss and "on the 3 clips that have one" in with_loss
     mixed = comparison_table({"g=7.5": result(30.0, 1.0), "g=1": {**result(30.0, 1.0), "guidance": 1.0}})
     assert mixed.endswith("guidance 1.0 or 7.5 (as the model column says).")
     path = tmp_path / "r.json"

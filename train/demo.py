@@ -15,8 +15,11 @@ How the shipped demo (`engine/demo/`, `--model demo`) is made, end to end, is `t
 The parts `demo init` writes:
 - tokenizer: a real `CLIPTokenizer` whose vocabulary gives every word the generator can write one token
   (`synth.vocabulary()`); any other text still tokenizes (byte-level BPE);
-- text_encoder: a small `CLIPTextModel` (hidden 32, 2 layers), seeded and frozen. It is not trained: the
-  UNet learns to read its (fixed, distinct) embeddings of the captions, as PixelDance reads frozen CLIP's;
+- text_encoder: a small `CLIPTextModel` (hidden 32, 2 layers), seeded and frozen. The shipped demo's is not
+  trained: the UNet learns to read its (fixed, distinct) embeddings of the captions, as PixelDance reads
+  frozen CLIP's. Its UNet did not learn the motion words in 6,000 steps (engine/demo/README.md); `--text-steps N`
+  pretrains the encoder on the caption grammar first (`train/text_pretrain.py`), a stand-in for CLIP's
+  pretraining;
 - vae: the `pdengine train-vae` AutoencoderKL (spatial factor 4: 64x64 frames -> 16x16x4 latents);
 - scheduler: Stable Diffusion's scaled-linear schedule with DDIM (the engine default), v-prediction
   (`DEMO_PREDICTION`: the paper predicts epsilon);
@@ -81,9 +84,12 @@ def demo_unet_config() -> dict[str, Any]:
     return resolve_config(dict(DEMO_UNET))
 
 
-def write_demo_init(out: str | os.PathLike, vae: str | os.PathLike, *, seed: int = 0,
+def write_demo_init(out: str | os.PathLike, vae: str | os.PathLike, *, seed: int = 0, text_steps: int = 0,
                     overwrite: bool = False) -> Path:
     """Write the folder a demo training run starts from (see the module docstring); returns `out`.
+    `text_steps` > 0 pretrains the text encoder that many steps on every caption the generator can write
+    (`train/text_pretrain.py`; its record goes to text_encoder/pretraining.json) before it is frozen; 0
+    leaves it at its seeded random weights, as the shipped demo has it.
 
     Built in a temporary folder beside `out` and renamed into place, so a failure leaves nothing behind.
     """
@@ -101,9 +107,12 @@ def write_demo_init(out: str | os.PathLike, vae: str | os.PathLike, *, seed: int
     )
     from pdengine.model import UNet3D
 
-    from .synth import vocabulary
+    from .synth import all_captions, vocabulary
+    from .text_pretrain import pretrain_text_encoder
 
     out, vae = Path(out), Path(vae)
+    if text_steps < 0:
+        raise DemoError(f"--text-steps must be >= 0, got {text_steps}")
     if not (vae / "config.json").is_file():
         raise DemoError(f"--vae {vae}: no config.json (a `pdengine train-vae` output folder is expected)")
     try:
@@ -122,7 +131,12 @@ def write_demo_init(out: str | os.PathLike, vae: str | os.PathLike, *, seed: int
         tokenizer = CLIPTokenizer.from_pretrained(write_tiny_tokenizer(tmp / "tokenizer", words=vocabulary()))
         text_encoder = tiny_text_encoder(len(tokenizer), seed, bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        record = None
+        if text_steps:
+            record = pretrain_text_encoder(text_encoder, tokenizer, all_captions(), steps=text_steps, seed=seed)
         text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        if record is not None:
+            (tmp / "text_encoder" / "pretraining.json").write_text(json.dumps({**record, "seed": seed}, indent=2) + "\n")
         autoencoder.save_pretrained(tmp / "vae", safe_serialization=True)
         DDIMScheduler.from_config(SD_SCHEDULE, prediction_type=DEMO_PREDICTION).save_pretrained(tmp / "scheduler")
         with torch.random.fork_rng(devices=[]):
@@ -301,7 +315,7 @@ def write_gallery(model: str, data: str | os.PathLike, out: str | os.PathLike, *
 
 def comparison_table(results: dict[str, dict]) -> str:
     """Markdown table of several `pdengine eval` results (name -> its JSON), one row per model and tau; name
-    the models by their guidance when it differs."""
+    the models by their guidance when it differs. Then their held-out denoising losses, where measured."""
     head = ["model", "tau", "first-frame PSNR (dB)", "motion acc.", "last-frame err (px)", "colour kept",
             "object found"]
     keys = ("first_frame_psnr", "motion_accuracy", "last_frame_error_px", "colour_kept", "object_found")
@@ -316,6 +330,11 @@ def comparison_table(results: dict[str, dict]) -> str:
     guidance = f"guidance {scales[0]}" if len(scales) == 1 else "guidance " + " or ".join(map(str, scales)) + \
         " (as the model column says)"
     lines.append(f"\n{first['videos']} held-out clips, {first['steps']} DDIM steps, {guidance}.")
+    with_loss = {name: res for name, res in results.items() if res.get("heldout_loss")}
+    if with_loss:  # results written before `pdengine eval` measured it have none
+        from .evaluate import loss_table
+
+        lines += ["", loss_table(with_loss)]
     return "\n".join(lines)
 
 
@@ -335,11 +354,13 @@ def demo_command() -> None:
 @click.option("--vae", required=True, type=click.Path(file_okay=False), help="A `pdengine train-vae` output folder.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
 @click.option("--seed", default=0, help="Seed of the text encoder and the fresh UNet weights.")
+@click.option("--text-steps", default=0, help="Pretrain the text encoder this many steps on the caption grammar "
+              "before freezing it (0: seeded random weights, as the shipped demo).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing folder.")
-def init_command(vae, out, seed, overwrite):
+def init_command(vae, out, seed, text_steps, overwrite):
     """Tokenizer for the synthetic captions, frozen text encoder, the VAE, scheduler and a fresh demo UNet."""
     try:
-        path = write_demo_init(out, vae, seed=seed, overwrite=overwrite)
+        path = write_demo_init(out, vae, seed=seed, text_steps=text_steps, overwrite=overwrite)
     except (DemoError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {path} (untrained UNet: train it with `pdengine train --model {path} ...`)")

@@ -33,6 +33,14 @@ The command samples each held-out clip with its own first and last frames (decod
 caption, once per tau (same seed and noise for every tau), and scores the generated frames. It also
 scores the held-out videos themselves ("reference": what a perfect model would get after mp4 coding) and
 reports the PSNR of a VAE round trip of the first frames (the best first-frame PSNR the model's VAE allows).
+
+Held-out denoising loss (`heldout_loss`): the model's own training objective (its prediction type, MSE) on
+the held-out clips' VAE latents, at the fixed timesteps LOSS_TIMESTEPS with fixed noise (clip i's drawn from
+seed + i, the same for every variant), the instructions given clean as at sampling: with first and last
+frame ("first_last", tau = T) and first frame only ("first_only", tau = 0); with the caption, the empty prompt, and the opposite caption (`opposite_caption`:
+the other direction of a move or pan, shrinks for grows; bounces and stills have none). Lower is better. It
+shows what sampling metrics hide at a small scale: whether a model reads its text at all (empty prompt above
+caption) and whether it reads the direction words (opposite caption above caption).
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ AREA_TREND = 1.2  # the generator's grow/shrink area factor is >= 1.4^2
 COLOUR_TOL = 30.0
 AREA_JUMP = 0.25
 _UNIT = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+_OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up", "grow": "shrink", "shrink": "grow"}
+LOSS_TIMESTEPS = (100, 300, 500, 700, 900)  # of the 1000-step training schedule
 
 
 class EvalError(ValueError):
@@ -407,6 +417,83 @@ def frame_to_tensor(frame: np.ndarray):  # -> torch.Tensor
     return torch.from_numpy(frame.copy()).permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
 
 
+def opposite_caption(truth: dict) -> str | None:
+    """The caption of the same clip with the opposite motion (a move or pan the other way, grows for
+    shrinks and back), written by the generator's own `caption`; None where the caption names no direction."""
+    from dataclasses import replace
+
+    from .synth import ClipSpec, caption
+
+    spec = truth.get("spec")
+    motion = truth.get("motion")
+    if spec is None or motion not in ("move", "pan", "grow", "shrink"):
+        return None
+    spec = ClipSpec.from_dict(spec)
+    if motion in ("grow", "shrink"):
+        return caption(replace(spec, motion=_OPPOSITE[motion]))
+    return caption(replace(spec, direction=_OPPOSITE[spec.direction]))
+
+
+def heldout_loss(pipe, latents, captions: Sequence[str], opposites: Sequence[str | None], *, seed: int = 0,
+                 batch_size: int = 8) -> dict:
+    """The training objective on held-out latents (B, C, F, h, w), see the module docstring. Returns
+    {"prediction_type", "timesteps", "opposite_clips": n, "first_last" / "first_only": {"caption",
+    "empty_prompt", "opposite", "caption_on_opposite_clips"}} (means over clips and timesteps; the two
+    opposite entries are over the n clips that have an opposite caption, None when n = 0)."""
+    import torch
+
+    from pdengine.engine.conditioning import build_c_image
+    from pdengine.engine.schedulers import load_scheduler
+
+    b, _, f = latents.shape[:3]
+    if len(captions) != b or len(opposites) != b:
+        raise EvalError(f"heldout_loss: {b} clips but {len(captions)} captions and {len(opposites)} opposites")
+    prediction = pipe.scheduler_config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise EvalError(f"heldout_loss: prediction type {prediction!r} is not one the trainer uses")
+    abar = load_scheduler(pipe.scheduler_config, kind="ddpm").alphas_cumprod.float()
+    if max(LOSS_TIMESTEPS) >= abar.shape[0]:
+        raise EvalError(f"heldout_loss: the schedule has {abar.shape[0]} steps, fewer than {max(LOSS_TIMESTEPS) + 1}")
+    flip = [i for i, o in enumerate(opposites) if o is not None]
+    z0 = latents.float().cpu()
+
+    def noise(rows: list[int]) -> torch.Tensor:  # (len(LOSS_TIMESTEPS), n, C, F, h, w): clip i's from seed + i
+        draws = [torch.randn((len(LOSS_TIMESTEPS), *z0.shape[1:]), generator=torch.Generator().manual_seed(seed + i))
+                 for i in rows]
+        return torch.stack(draws, dim=1)
+
+    def per_clip(keep_last: bool, prompts: list[str], rows: list[int]) -> torch.Tensor:
+        """Loss per clip of `rows` (mean over timesteps and elements), each with its prompt."""
+        out = torch.zeros(len(rows))
+        for s in range(0, len(rows), batch_size):
+            idx = rows[s:s + batch_size]
+            x0 = z0[idx]
+            c_image = build_c_image(x0[:, :, 0], x0[:, :, -1] if keep_last else None, f)
+            text = pipe.encode_text(prompts[s:s + batch_size])
+            for t, eps in zip(LOSS_TIMESTEPS, noise(idx)):
+                a = abar[t]
+                z_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+                target = a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction == "v_prediction" else eps
+                x = torch.cat([z_t, c_image], dim=1).to(pipe.device, pipe.dtype)
+                steps = torch.full((len(idx),), t, dtype=torch.long, device=pipe.device)
+                pred = pipe.unet(x, steps, text.to(pipe.device, pipe.dtype)).float().cpu()
+                out[s:s + len(idx)] += ((pred - target) ** 2).flatten(1).mean(1) / len(LOSS_TIMESTEPS)
+        return out
+
+    result: dict = {"prediction_type": prediction, "timesteps": list(LOSS_TIMESTEPS), "opposite_clips": len(flip)}
+    everyone = list(range(b))
+    with torch.no_grad():
+        for name, keep_last in (("first_last", True), ("first_only", False)):
+            cap = per_clip(keep_last, list(captions), everyone)
+            entry = {"caption": float(cap.mean()), "empty_prompt": float(per_clip(keep_last, [""] * b, everyone).mean()),
+                     "opposite": None, "caption_on_opposite_clips": None}
+            if flip:
+                entry["opposite"] = float(per_clip(keep_last, [opposites[i] for i in flip], flip).mean())
+                entry["caption_on_opposite_clips"] = float(cap[flip].mean())
+            result[name] = entry
+    return result
+
+
 def _pick(device: str | None, dtype: str) -> tuple[str, object]:
     import torch
 
@@ -460,6 +547,12 @@ def evaluate(model: str, data: str | os.PathLike, *, limit: int | None = None, t
         for b in range(dec.shape[0]):
             roundtrip.append(psnr(frames_to_uint8(dec[b].permute(1, 0, 2, 3))[0], videos[i + b][0]))
 
+    latents = torch.cat([pipe.encode_images(torch.stack([frame_to_tensor(fr) for fr in v])).permute(1, 0, 2, 3)[None]
+                         for v in videos])
+    loss = heldout_loss(pipe, latents, [c["caption"] for c in clips], [opposite_caption(c["truth"]) for c in clips],
+                        seed=seed, batch_size=batch_size)
+    log("held-out loss: done")
+
     by_tau = {}
     for tau in tau_list:
         settings = SampleSettings(num_frames=frames, height=size, width=size, steps=steps, guidance=guidance, tau=tau)
@@ -486,6 +579,7 @@ def evaluate(model: str, data: str | os.PathLike, *, limit: int | None = None, t
         "last_frame_error_px_by_tau": {t: r["last_frame_error_px"] for t, r in by_tau.items()},
         "motion_accuracy_by_tau": {t: r["motion_accuracy"] for t, r in by_tau.items()},
         "vae_roundtrip_psnr": float(np.mean(roundtrip)),
+        "heldout_loss": loss,
         "reference": reference,
         "by_tau": by_tau,
         "seconds": time.perf_counter() - started,
@@ -513,6 +607,28 @@ def format_table(result: dict) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"\nVAE round trip of the first frames: {result['vae_roundtrip_psnr']:.2f} dB PSNR; "
                  f"{result['videos']} held-out clips, {result['steps']} DDIM steps, guidance {result['guidance']}.")
+    if result.get("heldout_loss"):
+        lines += ["", loss_table({Path(result["model"]).name: result})]
+    return "\n".join(lines)
+
+
+def loss_table(results: dict[str, dict]) -> str:
+    """Markdown table of the held-out denoising loss of one or more eval results (name -> result)."""
+    def num(x) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    lines = ["| model | instructions | caption | empty prompt | opposite caption | caption, same clips |",
+             "|---|---|---|---|---|---|"]
+    for name, res in results.items():
+        loss = res["heldout_loss"]
+        for key, label in (("first_last", "first + last"), ("first_only", "first only")):
+            e = loss[key]
+            lines.append(f"| {name} | {label} | {num(e['caption'])} | {num(e['empty_prompt'])} | {num(e['opposite'])} | "
+                         f"{num(e['caption_on_opposite_clips'])} |")
+    first = next(iter(results.values()))["heldout_loss"]
+    lines.append(f"\nHeld-out denoising loss ({first['prediction_type']} MSE, t = "
+                 f"{', '.join(map(str, first['timesteps']))}, fixed noise; lower is better); the opposite caption "
+                 f"(the other direction, or grows for shrinks) on the {first['opposite_clips']} clips that have one.")
     return "\n".join(lines)
 
 

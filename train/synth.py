@@ -232,6 +232,19 @@ def caption(spec: ClipSpec, rng: np.random.Generator | None = None) -> str:
     return obj
 
 
+def all_captions() -> list[str]:
+    """Every caption this generator can write (sorted): the phrase space a demo text encoder is pretrained on."""
+    out = {f"the camera pans {d}" for d in ("left", "right")}
+    for shape in SHAPES:
+        for colour in COLOURS:
+            obj = f"a {colour} {shape}"
+            out.add(obj)
+            out.update(f"{obj} {phrase}" for phrase in _BG_PHRASE.values())
+            out.update(f"{obj} moves {'to the ' + d if d in ('left', 'right') else d}" for d in DIRECTIONS)
+            out.update(f"{obj} {verb}" for verb in ("bounces", "grows", "shrinks"))
+    return sorted(out)
+
+
 def vocabulary() -> list[str]:
     """Every word a caption of this generator can contain (sorted): what a demo tokenizer must know."""
     words = {"a", "the", "camera", "pans", "moves", "to", "bounces", "grows", "shrinks", *SHAPES, *COLOURS,
