@@ -341,6 +341,7 @@ class _OraclePipe:
         x0 = self.z0[rows]
         self.calls.append((bool(c_image[:, :, -1].abs().sum() > 0), c_image[:, :, 1:-1].abs().sum().item()))
         assert torch.equal(c_image[:, :, 0], x0[:, :, 0])
+        assert torch.equal(c_image[:, :, -1], x0[:, :, -1]) or not c_image[:, :, -1].abs().sum()
         a = self.abar[t].reshape(-1, 1, 1, 1, 1)
         eps = (z_t - a.sqrt() * x0) / (1 - a).sqrt()
         target = a.sqrt() * eps - (1 - a).sqrt() * x0 if self.prediction == "v_prediction" else eps
