@@ -445,11 +445,13 @@ def heldout_loss(pipe, latents, captions: Sequence[str], opposites: Sequence[str
     from pdengine.engine.conditioning import build_c_image
     from pdengine.engine.schedulers import load_scheduler
 
+    from .recipe import PREDICTION_TYPES, regression_target
+
     b, _, f = latents.shape[:3]
     if len(captions) != b or len(opposites) != b:
         raise EvalError(f"heldout_loss: {b} clips but {len(captions)} captions and {len(opposites)} opposites")
     prediction = pipe.scheduler_config.get("prediction_type", "epsilon")
-    if prediction not in ("epsilon", "v_prediction"):
+    if prediction not in PREDICTION_TYPES:
         raise EvalError(f"heldout_loss: prediction type {prediction!r} is not one the trainer uses")
     abar = load_scheduler(pipe.scheduler_config, kind="ddpm").alphas_cumprod.float()
     if max(LOSS_TIMESTEPS) >= abar.shape[0]:
@@ -473,7 +475,7 @@ def heldout_loss(pipe, latents, captions: Sequence[str], opposites: Sequence[str
             for t, eps in zip(LOSS_TIMESTEPS, noise(idx)):
                 a = abar[t]
                 z_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-                target = a.sqrt() * eps - (1 - a).sqrt() * x0 if prediction == "v_prediction" else eps
+                target = regression_target(x0, eps, a, prediction)
                 x = torch.cat([z_t, c_image], dim=1).to(pipe.device, pipe.dtype)
                 steps = torch.full((len(idx),), t, dtype=torch.long, device=pipe.device)
                 pred = pipe.unet(x, steps, text.to(pipe.device, pipe.dtype)).float().cpu()
@@ -540,15 +542,15 @@ def evaluate(model: str, data: str | os.PathLike, *, limit: int | None = None, t
 
     firsts = [frame_to_tensor(v[0]) for v in videos]
     lasts = [frame_to_tensor(v[-1]) for v in videos]
+    # Every held-out frame's latent, once: frame 0's give the VAE round trip, all give the held-out loss.
+    latents = torch.cat([pipe.encode_images(torch.stack([frame_to_tensor(fr) for fr in v])).permute(1, 0, 2, 3)[None]
+                         for v in videos])
     roundtrip = []
     for i in range(0, len(clips), batch_size):
-        lat = pipe.encode_images(torch.stack(firsts[i:i + batch_size]))
-        dec = pipe.decode(lat.unsqueeze(2))  # (B, 3, 1, H, W)
+        dec = pipe.decode(latents[i:i + batch_size, :, :1])  # (B, 3, 1, H, W)
         for b in range(dec.shape[0]):
             roundtrip.append(psnr(frames_to_uint8(dec[b].permute(1, 0, 2, 3))[0], videos[i + b][0]))
 
-    latents = torch.cat([pipe.encode_images(torch.stack([frame_to_tensor(fr) for fr in v])).permute(1, 0, 2, 3)[None]
-                         for v in videos])
     loss = heldout_loss(pipe, latents, [c["caption"] for c in clips], [opposite_caption(c["truth"]) for c in clips],
                         seed=seed, batch_size=batch_size)
     log("held-out loss: done")

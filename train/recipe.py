@@ -75,6 +75,14 @@ class TrainingInputs:
     text_kept: torch.Tensor  # (B,) bool: caption kept (not replaced by the empty prompt)
 
 
+def regression_target(z0: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the UNet regresses for z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps: eps, or
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) z0 (float32; abar_t broadcasts against z0)."""
+    if prediction_type == "v_prediction":
+        return abar_t.sqrt() * eps.float() - (1 - abar_t).sqrt() * z0.float()
+    return eps.float()
+
+
 def _randn(shape: tuple[int, ...], gen: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(shape, generator=gen).to(device=like.device, dtype=torch.float32)
 
@@ -117,10 +125,7 @@ def training_inputs(
 
     t_dev = t.to(device)
     a = abar[t_dev].reshape(b, 1, 1, 1, 1)
-    if cfg.prediction_type == "v_prediction":
-        target = (a.sqrt() * eps.to(device) - (1 - a).sqrt() * z0.float()).to(z0.dtype)
-    else:
-        target = eps.to(z0.dtype)
+    target = regression_target(z0, eps.to(device), a, cfg.prediction_type).to(z0.dtype)
     context = torch.where(text_kept.to(device).reshape(b, 1, 1), text, uncond.to(text.dtype).expand_as(text))
     if use_kernel and f > 1:  # image batches (F = 1) have no instruction slots: the reference path below
         from pdengine.kernels.concat_cond import concat_condition_train
