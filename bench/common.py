@@ -22,6 +22,7 @@ flash-attention tiling re-reads) is not visible, so the count is a lower bound o
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import statistics
 import subprocess
 import time
@@ -135,7 +136,11 @@ def count_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int,
 
 
 def git_sha(path: Path | None = None) -> str:
-    """Short HEAD sha of the checkout that holds `path` (default: this package), or "unknown"."""
+    """Short HEAD sha of the checkout that holds `path` (default: this package), or "unknown".
+
+    $PDENGINE_GIT_SHA wins: a copy of the tree without its .git (a lent GPU machine) names its commit so."""
+    if os.environ.get("PDENGINE_GIT_SHA"):
+        return os.environ["PDENGINE_GIT_SHA"]
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         res = subprocess.run(["git", "-C", str(where), "rev-parse", "--short", "HEAD"], capture_output=True,

@@ -115,7 +115,7 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _gpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma: no cover - needs a GPU
+def _gpu_rows(batches: list[int], steps: int, compile_mode: str) -> list[dict[str, Any]]:  # pragma: no cover
     from pdengine.model import UNet3D
 
     from .common import measure_peaks
@@ -127,10 +127,13 @@ def _gpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma
     ours = UNet3D(cfg, backend="auto").to(dev, dt).eval()
     ref = _diffusers_unet(cfg, dev, dt)
     ref.load_state_dict(ours.state_dict())
-    compiled = torch.compile(ref, mode="max-autotune")
+    compiled = None if compile_mode == "none" else torch.compile(ref, mode=compile_mode)
     rows = []
     for b in batches:
         rows += _gpu_batch_rows(b, steps, cfg, ours, ref, compiled, peaks)
+    for r in rows:
+        if r["provider"] == "diffusers_compile":
+            r["compile_mode"] = compile_mode
     return rows
 
 
@@ -184,8 +187,9 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -
         "pdengine_graph": lambda: ours_run(True),
         "pdengine_eager": lambda: ours_run(False),
         "diffusers_eager": lambda: diffusers_run(ref),
-        "diffusers_compile": lambda: diffusers_run(compiled),
     }
+    if compiled is not None:
+        providers["diffusers_compile"] = lambda: diffusers_run(compiled)
     rows = []
     for name, fn in providers.items():
         row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
@@ -213,9 +217,10 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -
 
 
 def run_sample_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
-                     batches: list[int] | None = None, steps: int = 50) -> list[dict[str, Any]]:
+                     batches: list[int] | None = None, steps: int = 50,
+                     compile_mode: str = "max-autotune") -> list[dict[str, Any]]:
     batches = batches or [1, 8, 16]
-    rows = _gpu_rows(batches, steps) if device == "cuda" else _cpu_rows(batches, steps)
+    rows = _gpu_rows(batches, steps, compile_mode) if device == "cuda" else _cpu_rows(batches, steps)
     stamp = env_info(device)
     rows = [{**r, **stamp} for r in rows]
     if json_path is not None:

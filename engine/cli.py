@@ -164,7 +164,10 @@ def bench_kernels(device, json_path, csv_path, families, quick):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="CSV path [default: beside --json].")
 @click.option("--batch", "batches", multiple=True, type=int, help="Videos per batch (repeatable).  [default: 1 8 16]")
 @click.option("--steps", default=50, help="DDIM steps.")
-def bench_sample(device, json_path, csv_path, batches, steps):
+@click.option("--compile-mode", default="max-autotune", show_default=True,
+              type=click.Choice(["max-autotune", "default", "none"]),
+              help="torch.compile mode of the diffusers_compile provider (none: leave that row out).")
+def bench_sample(device, json_path, csv_path, batches, steps, compile_mode):
     """End-to-end sampling of the pixeldance preset (16x256x256, CFG 7.5) vs diffusers."""
     from pathlib import Path
 
@@ -175,7 +178,7 @@ def bench_sample(device, json_path, csv_path, batches, steps):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = run_sample_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
-                            list(batches) or None, steps)
+                            list(batches) or None, steps, compile_mode=compile_mode)
     for r in rows:
         keys = [k for k in ("provider", "batch", "status", "seconds_per_video", "videos_per_s", "mfu",
                             "unet_gflops_per_video", "launches_per_step_eager", "gb_per_step") if k in r]
