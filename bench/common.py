@@ -22,6 +22,7 @@ flash-attention tiling re-reads) is not visible, so the count is a lower bound o
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import statistics
 import subprocess
@@ -148,6 +149,13 @@ def git_sha(path: Path | None = None) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def emit(row: dict) -> dict:
+    """Print one finished row at once (`ROW {json}`), so a run stopped part way still leaves what it
+    measured in its log; the JSON/CSV files are written at the end."""
+    print("ROW " + json.dumps(row, default=str), flush=True)
+    return row
 
 
 def env_info(device: str = "cpu") -> dict[str, str]:

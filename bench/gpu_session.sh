@@ -3,15 +3,19 @@
 # benches side by side, each stage under its own time limit so one that hangs or fails costs only itself.
 # Logs and result files land in $OUT (one tarball), named <device>-<bench>-<sha>.
 #   PDENGINE_GIT_SHA=<sha> bash bench/gpu_session.sh          (carry .whl: diffusers, importlib_metadata, av)
-# Budget knobs: T_TESTS, T_KERNELS (per family), T_SAMPLE, T_TRAIN, T_COMPILE (seconds).
+# Budget knobs: T_TESTS, T_KERNELS (per family), T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (subset of
+# "tests kernels sample train compile"), FAMILIES, SAMPLE_BATCHES, TRAIN_BATCHES. Every finished bench row is
+# also printed as `ROW {json}` in session.log, so a stage cut by its time limit keeps what it measured.
 set -u
 OUT=${OUT:-/tmp/pdengine-gpu}
 SHA=${PDENGINE_GIT_SHA:-unknown}
 R=$OUT/results; mkdir -p "$R"
+STAGES=" ${STAGES:-tests kernels sample train compile} "
+on() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PDENGINE_GIT_SHA=$SHA
 LOG=$OUT/session.log
 stage() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
-pd() { python3 -c 'import sys; from pdengine.engine.cli import main; sys.argv[0] = "pdengine"; main()' "$@"; }
+PD=(python3 -c 'import sys; from pdengine.engine.cli import main; sys.argv[0] = "pdengine"; main()')
 
 stage setup
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -19,7 +23,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; }
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/pd . >>"$LOG" 2>&1 \
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/pd . >>"$LOG" 2>&1 \
   || echo "project install failed" | tee -a "$LOG"
 export PYTHONPATH=/tmp/pd:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.limit \
@@ -29,28 +33,35 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
-timeout "${T_TESTS:-110}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
+on tests && timeout "${T_TESTS:-110}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
-for fam in latent_update concat_cond temporal_conv temporal_attention; do
+for fam in ${FAMILIES:-latent_update concat_cond temporal_conv temporal_attention}; do
+  on kernels || continue
   stage "bench kernels $fam"
-  timeout "${T_KERNELS:-45}" pd bench kernels --device cuda --quick --family $fam \
+  timeout "${T_KERNELS:-45}" "${PD[@]}" bench kernels --device cuda --quick --family $fam \
     --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 done
 
-stage bench sample
-timeout "${T_SAMPLE:-100}" pd bench sample --device cuda --batch 1 --batch 8 --steps 50 --compile-mode none \
+on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&
+timeout "${T_SAMPLE:-100}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
-stage bench train
-timeout "${T_TRAIN:-70}" pd bench train --device cuda --batch 1 --batch 4 --steps 3 \
+on train && stage bench train && TB=$(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) &&
+timeout "${T_TRAIN:-70}" "${PD[@]}" bench train --device cuda $TB --steps 3 \
   --json "$R/cuda-train-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
-stage bench sample torch.compile
-timeout "${T_COMPILE:-100}" pd bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
+on compile && stage bench sample torch.compile &&
+timeout "${T_COMPILE:-100}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
   --json "$R/cuda-sample-compile-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 stage done
 tar -czf "$OUT/results.tgz" -C "$OUT" results session.log
-grep -h "provider=\|passed\|failed\|error" "$LOG" | tail -40
+grep -h "passed\|failed\|rc=" "$LOG" | tail -20
+grep -h "^ROW " "$LOG" | python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line[4:]); keys = ("kernel", "bench", "provider", "direction", "shape", "batch", "status", "median_ms",
+        "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers")
+    print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r))'
+

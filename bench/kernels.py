@@ -37,6 +37,7 @@ import torch
 from .common import (
     FusedSDPAOnMeta,
     count_bytes,
+    emit,
     env_info,
     measure_peaks,
     nvml_index,
@@ -731,7 +732,7 @@ def run_gpu(cases: list[Case], device: str = "cuda", dtype: torch.dtype = torch.
     env = {**env, **{k: peaks[k] for k in ("peak_gbps", "peak_tflops")}}
     rows: list[dict[str, Any]] = []
     for case in cases:
-        rows += _gpu_case_rows(case, device, dtype, env, peaks, timer, snapshot)
+        rows += [emit(r) for r in _gpu_case_rows(case, device, dtype, env, peaks, timer, snapshot)]
         if device == "cuda":
             torch.cuda.empty_cache()
     add_speedups(rows)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .common import count_bytes, env_info
+from .common import count_bytes, emit, env_info
 
 FRAMES, LATENT, TEXT_LEN = 16, 32, 77
 
@@ -212,7 +212,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -
             })
         except Exception as e:  # a failing provider is an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
-        rows.append(row)
+        rows.append(emit(row))
     return rows
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .common import env_info
+from .common import emit, env_info
 
 FRAMES, LATENT, TEXT_LEN = 16, 32, 77
 POLICIES = ("none", "attention", "full")
@@ -112,7 +112,7 @@ def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any
             except Exception as e:  # a failing provider is an explicit row (OOM included)
                 row["status"] = f"error: {type(e).__name__}: {e}"[:500]
             torch.cuda.empty_cache()
-            rows.append(row)
+            rows.append(emit(row))
     return rows
 
 
