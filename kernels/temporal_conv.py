@@ -107,7 +107,7 @@ def _row_stats(v, mask, cnt):
 @triton.jit
 def _stage_fwd_kernel(
     h_ptr,  # (B*F, C_in, HW) stage input
-    w_ptr,  # (C_out, C_in, 3) conv weight, any strides
+    w_ptr,  # (C_out, C_in, 3) conv weight, channels contiguous (see _weight3)
     bias_ptr,  # (C_out,)
     center_ptr,  # (B, C_in) fp32: GroupNorm as (h - center) * scale + shift (the group's mean)
     scale_ptr,  # (B, C_in) fp32: rstd * gamma
@@ -117,7 +117,7 @@ def _stage_fwd_kernel(
     pmean_ptr,  # (B, NT, C_out) fp32: per-row means of the stored y, written when HAS_STATS
     pm2_ptr,  # (B, NT, C_out) fp32: per-row sums of squared deviations from the row mean
     C_in, C_out, F, HW, NT, seed, p_drop, drop_scale,
-    stride_w_o, stride_w_c, stride_w_k,
+    stride_w_o, stride_w_k,
     HAS_RESIDUAL: tl.constexpr, HAS_STATS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -155,7 +155,7 @@ def _stage_fwd_kernel(
             a = tl.where(tl.rand(seed, offs) >= p_drop, a * drop_scale, 0.0)
         # Padding must contribute 0, not silu(shift): mask after the activation.
         a = tl.where(mask, a, 0.0)
-        w = tl.load(w_ptr + offs_o[:, None] * stride_w_o + offs_c[None, :] * stride_w_c + k * stride_w_k,
+        w = tl.load(w_ptr + offs_o[:, None] * stride_w_o + offs_c[None, :] + k * stride_w_k,
                     mask=o_ok[:, None] & c_ok[None, :], other=0.0)
         acc = _dot(w, _cast(a, w.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
 
@@ -343,7 +343,7 @@ def _sum_splits_kernel(
 @triton.jit
 def _stage_dgrad_kernel(
     g_ptr,  # (B*F, C_out, HW) gradient of the stage output
-    w_ptr,  # (C_out, C_in, 3) conv weight, any strides
+    w_ptr,  # (C_out, C_in, 3) conv weight, channels contiguous (see _weight3)
     h_ptr,  # (B*F, C_in, HW) stage input
     rstd_ptr,  # (B, G) fp32
     center_ptr,  # (B, C_in) fp32
@@ -353,7 +353,7 @@ def _stage_dgrad_kernel(
     ps1_ptr,  # (B, NT, C_in) fp32 out: per-row sums of dn
     ps2_ptr,  # (B, NT, C_in) fp32 out: per-row sums of dn * xhat
     C_in, C_out, F, HW, NT, CPG, G, seed, p_drop, drop_scale,
-    stride_w_o, stride_w_c, stride_w_k,
+    stride_w_o, stride_w_k,
     HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -377,7 +377,7 @@ def _stage_dgrad_kernel(
         offs_o = o0 + tl.arange(0, BLOCK_O)
         o_ok = offs_o < C_out
         g = tl.load(g_ptr + offs_o[:, None] * HW + col[None, :], mask=o_ok[:, None] & col_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_o[None, :] * stride_w_o + offs_c[:, None] * stride_w_c + k * stride_w_k,
+        wt = tl.load(w_ptr + offs_o[None, :] * stride_w_o + offs_c[:, None] + k * stride_w_k,
                      mask=c_ok[:, None] & o_ok[None, :], other=0.0)
         acc = _dot(wt, g, acc, DOT_PRECISION, INTERPRETED)
 
@@ -594,7 +594,12 @@ def _interpreted(t: torch.Tensor) -> bool:
 
 
 def _weight3(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C_out, C_in, 3[, 1, 1]) -> a (C_out, C_in, 3) view (cast to the activations' dtype if needed)."""
+    """(C_out, C_in, 3[, 1, 1]) -> a (C_out, C_in, 3) view, in the activations' dtype, of memory laid out
+    tap-major (3, C_out, C_in): channels contiguous, so the GEMM kernels load weight tiles as 16-byte
+    vectors into their software pipeline. (With the parameter's own layout the channel stride is 3
+    elements: the sm90 SASS of the forward then loads both operands with scalar 2-byte loads outside the
+    pipeline, 157 registers; packed, both are asynchronous 16-byte copies, 64 registers. The copy costs
+    one pass over the weight, 3 C_out C_in elements, per call.)"""
     if weight.dim() == 5:
         if weight.shape[2:] != (3, 1, 1):
             raise ValueError(f"temporal conv weight must be (C_out, C_in, 3, 1, 1), got {tuple(weight.shape)}")
@@ -602,7 +607,7 @@ def _weight3(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     elif weight.dim() != 3 or weight.shape[2] != 3:
         raise ValueError(f"temporal conv weight must be (C_out, C_in, 3) or (C_out, C_in, 3, 1, 1), "
                          f"got {tuple(weight.shape)}")
-    return weight.to(dtype)
+    return weight.to(dtype).permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
 def _drop_scale(p: float) -> float:
@@ -664,10 +669,12 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     else:
         pmean = pm2 = stats.scale  # never written (HAS_STATS=False); any fp32 pointer
     grid = (triton.cdiv(c_out, cfg.block_m), nt, b)
+    if weight.stride(1) != 1:
+        raise ValueError("the weight must come packed by _weight3 (channels contiguous)")
     _stage_fwd_kernel[grid](
         h, weight, bias, stats.center, stats.scale, stats.shift, residual if residual is not None else y, y,
         pmean, pm2, c_in, c_out, num_frames, hw, nt, seed, dropout_p, _drop_scale(dropout_p),
-        weight.stride(0), weight.stride(1), weight.stride(2),
+        weight.stride(0), weight.stride(2),
         HAS_RESIDUAL=residual is not None, HAS_STATS=next_norm is not None, HAS_DROPOUT=dropout_p > 0,
         DOT_PRECISION=_dot_precision(h.dtype), INTERPRETED=_interpreted(h),
         BLOCK_O=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k,
@@ -723,10 +730,12 @@ def _stage_dgrad(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, num_fra
     ps1 = torch.empty(b, nt, c_in, device=h.device, dtype=torch.float32)
     ps2 = torch.empty_like(ps1)
     grid = (triton.cdiv(c_in, cfg.block_m), nt, b)
+    if weight.stride(1) != 1:
+        raise ValueError("the weight must come packed by _weight3 (channels contiguous)")
     _stage_dgrad_kernel[grid](
         g, weight, h, stats.rstd, stats.center, stats.scale, stats.shift, dn, ps1, ps2,
         c_in, c_out, num_frames, hw, nt, cpg, groups, seed, dropout_p, _drop_scale(dropout_p),
-        weight.stride(0), weight.stride(1), weight.stride(2),
+        weight.stride(0), weight.stride(2),
         HAS_DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(h.dtype), INTERPRETED=_interpreted(h),
         BLOCK_C=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_O=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
