@@ -3,18 +3,22 @@
 # benches side by side, each stage under its own time limit so one that hangs or fails costs only itself.
 # Logs and result files land in $OUT (one tarball), named <device>-<bench>-<sha>.
 #   PDENGINE_GIT_SHA=<sha> bash bench/gpu_session.sh          (carry .whl: diffusers, importlib_metadata, av)
+# The device image lacks diffusers, importlib_metadata and av: download their cp312 manylinux wheels into
+# .whl (git-ignored via .git/info/exclude) with `pip download --no-deps --only-binary=:all:` first.
 # Seen on an H200 (2026-11-30): setup 15 s, tests 40 s, kernels 22 + 23 + 83 (temporal conv) + 40 s, sample
 # batch 1 about 40 s with Triton compiles and graph capture; batch 8 and train did not finish in 100 / 50 s.
-# One call may run 600 s at most, so on a 15-minute lease run STAGES="tests kernels sample train" first and
-# "compile" in a second call if time is left.
-# Budget knobs: T_TESTS, T_KERNELS (per family), T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a subset of
-# "tests kernels sample train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES, TRAIN_BATCHES. Every finished bench row is
-# also printed as `ROW {json}` in session.log, so a stage cut by its time limit keeps what it measured.
+# One call may run 600 s at most: the default stages (all but compile) may not all fit in one; the order puts
+# what matters most first (tests, kernels, the temporal conv's launch-configuration sweep "tune", sample),
+# so give train and compile a second call if the lease has time left.
+# Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
+# subset of "tests kernels tune sample train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
+# TRAIN_BATCHES. Every finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by
+# its time limit keeps what it measured.
 set -u
 OUT=${OUT:-/tmp/pdengine-gpu}
 SHA=${PDENGINE_GIT_SHA:-unknown}
 R=$OUT/results; mkdir -p "$R"
-STAGES=" ${STAGES:-tests kernels sample train} "
+STAGES=" ${STAGES:-tests kernels tune sample train} "
 on() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PDENGINE_GIT_SHA=$SHA
 LOG=$OUT/session.log
@@ -48,6 +52,10 @@ for fam in ${FAMILIES:-latent_update concat_cond temporal_conv temporal_attentio
     --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 done
 
+on tune && stage bench conv-configs &&
+timeout "${T_TUNE:-150}" "${PD[@]}" bench conv-configs --device cuda \
+  --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+
 on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&
 timeout "${T_SAMPLE:-200}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
@@ -66,6 +74,6 @@ grep -h "passed\|failed\|rc=" "$LOG" | tail -20
 grep -h "^ROW " "$LOG" | python3 -c 'import json, sys
 for line in sys.stdin:
     r = json.loads(line[4:]); keys = ("kernel", "bench", "provider", "direction", "shape", "batch", "status", "median_ms",
-        "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers")
+        "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers", "kind", "config", "tflops")
     print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r))'
 

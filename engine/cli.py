@@ -157,6 +157,31 @@ def bench_kernels(device, json_path, csv_path, families, quick):
     click.echo(f"{len(rows)} rows ({len(failed)} failed)" + (f"; JSON: {json_path}" if json_path else ""))
 
 
+@bench.command("conv-configs", context_settings=CONTEXT)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="cuda: time every candidate at the pixeldance levels; cpu: check them at a small shape.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
+@click.option("--quick", is_flag=True, help="Two or three candidates per kernel instead of six or eight.")
+def bench_conv_configs(device, json_path, quick):
+    """Launch-configuration sweep of the temporal conv's GEMM kernels (forward and dgrad)."""
+    from pathlib import Path
+
+    from pdengine.bench.conv_configs import best_rows, run_conv_configs
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = run_conv_configs(device, Path(json_path) if json_path else None, quick)
+    bad = [r for r in rows if r["status"] != "ok"]
+    for r in bad:
+        click.echo(f"{r['kind']} {r['shape']} {r['config']}: {r['status']}")
+    for b in best_rows(rows):
+        click.echo(f"{b['kind']} {b['shape']}: best {b['best']} {b['best_ms']:.4f} ms, default {b['default']}"
+                   + (f" ({b['speedup_vs_default']:.2f}x)" if b["speedup_vs_default"] else ""))
+    click.echo(f"{len(rows)} rows ({len(bad)} not ok)" + (f"; JSON: {json_path}" if json_path else ""))
+
+
 @bench.command("sample", context_settings=CONTEXT)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="cuda: time the samplers side by side; cpu: FLOPs, launches and bytes per step (no timing).")

@@ -21,6 +21,9 @@ Forward, per stage (one launch of `_stage_fwd_kernel` + one tiny `_gn_finalize_k
     formula. E[y^2] - mean^2 is not used: for activations whose mean is large against their spread
     (x ~ 50 + N(0, 1)) it cancels ~2500 against ~2501 and keeps only 3-4 of fp32's 7 digits. Stage 1 gets
     its statistics from `_stats_kernel` (one read of x).
+  * Variant (`_GemmConfig.prenorm`): `_norm_act_kernel` writes a once (same arithmetic and mask) and the
+    conv kernel runs as a plain implicit GEMM on it (`PRENORM`), trading one write + read of the activation
+    for the prologue's recompute; `pdengine bench conv-configs` times both on a GPU.
   * Dropout: keep = tl.rand(seed + stage, i) >= p with i the element's flat index in (B*F, C, H*W), so the
     three output frames that read an element, and the backward, regenerate the same mask. `dropout_masks`
     materialises it for tests.
@@ -121,6 +124,7 @@ def _stage_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_STATS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    PRENORM: tl.constexpr = False,  # h_ptr already holds the activation (`_norm_act_kernel`): a plain GEMM
 ):
     pid_o = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -144,20 +148,23 @@ def _stage_fwd_kernel(
         c_ok = offs_c < C_in
         offs = offs_c[:, None] * HW + col[None, :]
         mask = c_ok[:, None] & col_ok[None, :]
-        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        center = tl.load(center_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
-        scale = tl.load(scale_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
-        shift = tl.load(shift_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
-        # Subtract the mean before scaling: h * scale - mean * scale would cancel for large-mean inputs.
-        t = (h - center[:, None]) * scale[:, None] + shift[:, None]
-        a = t * tl.sigmoid(t)
-        if HAS_DROPOUT:
-            a = tl.where(tl.rand(seed, offs) >= p_drop, a * drop_scale, 0.0)
-        # Padding must contribute 0, not silu(shift): mask after the activation.
-        a = tl.where(mask, a, 0.0)
         w = tl.load(w_ptr + offs_o[:, None] * stride_w_o + offs_c[None, :] + k * stride_w_k,
                     mask=o_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = _dot(w, _cast(a, w.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
+        if PRENORM:
+            acc = _dot(w, tl.load(h_ptr + offs, mask=mask, other=0.0), acc, DOT_PRECISION, INTERPRETED)
+        else:
+            h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            center = tl.load(center_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
+            scale = tl.load(scale_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
+            shift = tl.load(shift_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
+            # Subtract the mean before scaling: h * scale - mean * scale would cancel for large-mean inputs.
+            t = (h - center[:, None]) * scale[:, None] + shift[:, None]
+            a = t * tl.sigmoid(t)
+            if HAS_DROPOUT:
+                a = tl.where(tl.rand(seed, offs) >= p_drop, a * drop_scale, 0.0)
+            # Padding must contribute 0, not silu(shift): mask after the activation.
+            a = tl.where(mask, a, 0.0)
+            acc = _dot(w, _cast(a, w.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
 
     bias = tl.load(bias_ptr + offs_o, mask=o_ok, other=0.0).to(tl.float32)
     acc += bias[:, None]
@@ -483,6 +490,33 @@ def _gn_bwd_apply_kernel(
 
 
 @triton.jit
+def _norm_act_kernel(
+    h_ptr,  # (B*F, C, HW) stage input
+    a_ptr,  # (B*F, C, HW) out: dropout(silu(GroupNorm(h))) in h's dtype
+    center_ptr, scale_ptr, shift_ptr,  # (B, C) fp32, as in _stage_fwd_kernel
+    ROWS, C, F, HW, seed, p_drop, drop_scale,
+    HAS_DROPOUT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # The forward's operand prologue as its own pass (the PRENORM variant): same arithmetic, same dropout
+    # mask (Philox on the element's flat index), stored once instead of recomputed by every output tile.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r_ok = rows < ROWS
+    mask = r_ok[:, None] & (offs_p < HW)[None, :]
+    bc = (rows // (F * C)) * C + rows % C
+    center = tl.load(center_ptr + bc, mask=r_ok, other=0.0)
+    scale = tl.load(scale_ptr + bc, mask=r_ok, other=0.0)
+    shift = tl.load(shift_ptr + bc, mask=r_ok, other=0.0)
+    offs = rows[:, None] * HW + offs_p[None, :]
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    t = (h - center[:, None]) * scale[:, None] + shift[:, None]
+    a = t * tl.sigmoid(t)
+    if HAS_DROPOUT:
+        a = tl.where(tl.rand(seed, offs) >= p_drop, a * drop_scale, 0.0)
+    tl.store(a_ptr + offs, _cast(a, a_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     out_ptr,  # (N,) fp32: 0 or 1/(1-p)
     N, seed, p_drop, drop_scale,
@@ -505,6 +539,10 @@ class _GemmConfig(NamedTuple):
     block_k: int  # reduction chunk over channels
     num_warps: int
     num_stages: int
+    # Forward only: write the activation in a separate pass and run the conv as a plain GEMM on it, instead
+    # of normalising in the GEMM's operand prologue (one more write + read of the activation, against the
+    # prologue's recompute: 3 x C_out / block_m times per element). Which wins is a measurement.
+    prenorm: bool = False
 
 
 class _WgradConfig(NamedTuple):
@@ -671,14 +709,25 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     grid = (triton.cdiv(c_out, cfg.block_m), nt, b)
     if weight.stride(1) != 1:
         raise ValueError("the weight must come packed by _weight3 (channels contiguous)")
+    operand = h
+    if cfg.prenorm:
+        operand = torch.empty_like(h)
+        block_p = _pow2_clamp(hw, 16, 256)
+        block_r = _APPLY_BLOCK // block_p
+        rows = bf * c_in
+        _norm_act_kernel[(triton.cdiv(rows, block_r), triton.cdiv(hw, block_p))](
+            h, operand, stats.center, stats.scale, stats.shift, rows, c_in, num_frames, hw, seed, dropout_p,
+            _drop_scale(dropout_p), HAS_DROPOUT=dropout_p > 0, INTERPRETED=_interpreted(h), BLOCK_R=block_r,
+            BLOCK_P=block_p, num_warps=4,
+        )
     _stage_fwd_kernel[grid](
-        h, weight, bias, stats.center, stats.scale, stats.shift, residual if residual is not None else y, y,
+        operand, weight, bias, stats.center, stats.scale, stats.shift, residual if residual is not None else y, y,
         pmean, pm2, c_in, c_out, num_frames, hw, nt, seed, dropout_p, _drop_scale(dropout_p),
         weight.stride(0), weight.stride(2),
-        HAS_RESIDUAL=residual is not None, HAS_STATS=next_norm is not None, HAS_DROPOUT=dropout_p > 0,
-        DOT_PRECISION=_dot_precision(h.dtype), INTERPRETED=_interpreted(h),
-        BLOCK_O=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_RESIDUAL=residual is not None, HAS_STATS=next_norm is not None,
+        HAS_DROPOUT=dropout_p > 0 and not cfg.prenorm, DOT_PRECISION=_dot_precision(h.dtype),
+        INTERPRETED=_interpreted(h), BLOCK_O=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k,
+        PRENORM=cfg.prenorm, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if next_norm is None:
         return y, None
@@ -1067,6 +1116,11 @@ def compile_specs() -> list[CompileSpec]:
                     {"HAS_RESIDUAL": res, "HAS_STATS": stats, "HAS_DROPOUT": True, "DOT_PRECISION": "tf32",
                      "BLOCK_O": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_k},
                     cfg.num_warps, cfg.num_stages, True)
+            # The prenorm variant at the same tiles (what `pdengine bench conv-configs` compares against).
+            add("stage_fwd_prenorm", _stage_fwd_kernel,
+                {"HAS_RESIDUAL": True, "HAS_STATS": True, "HAS_DROPOUT": False, "DOT_PRECISION": "tf32",
+                 "BLOCK_O": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_k, "PRENORM": True},
+                cfg.num_warps, cfg.num_stages, True)
             dcfg = _dgrad_config(c, c, hw, fhw)
             add("stage_dgrad", _stage_dgrad_kernel,
                 {"HAS_DROPOUT": True, "DOT_PRECISION": "tf32", "BLOCK_C": dcfg.block_m, "BLOCK_N": dcfg.block_n,
@@ -1078,6 +1132,8 @@ def compile_specs() -> list[CompileSpec]:
             block_p = _pow2_clamp(hw, 16, 256)
             add("gn_bwd_apply", _gn_bwd_apply_kernel,
                 {"HAS_RESIDUAL": True, "BLOCK_R": _APPLY_BLOCK // block_p, "BLOCK_P": block_p}, 4, 3, False)
+            add("norm_act", _norm_act_kernel,
+                {"HAS_DROPOUT": True, "BLOCK_R": _APPLY_BLOCK // block_p, "BLOCK_P": block_p}, 4, 3, False)
     add("stats", _stats_kernel, {"BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3, False)
     add("sum_splits", _sum_splits_kernel, {"BLOCK": 1024}, 4, 3, False)
     return list(specs.values())

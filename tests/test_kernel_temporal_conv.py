@@ -251,6 +251,35 @@ def test_dropout_backward_matches_reference_with_kernel_masks():
     _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
 
 
+# ------------------------------------------------------------------------------------- prenorm variant
+
+
+def _use_prenorm(monkeypatch):
+    table = tc._gemm_config
+    monkeypatch.setattr(tc, "_gemm_config", lambda *args: table(*args)._replace(prenorm=True))
+
+
+def test_prenorm_variant_equals_the_fused_prologue(monkeypatch):
+    """The activation written by its own pass (same arithmetic, same dropout mask) gives the same block."""
+    b, f, c, g, p = 2, 3, 6, 2, 0.3
+    x, norms, convs = make_inputs(b, f, c, seed=12)
+    fused = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=p, seed=99, training=True)
+    fused_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
+    _use_prenorm(monkeypatch)
+    assert tc._gemm_config(c, c, H * W, f * H * W).prenorm
+    out = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=p, seed=99, training=True)
+    masks = tc.dropout_masks(x.shape, seed=99, dropout_p=p)
+    assert_close(out, temporal_conv_block_ref(x, f, norms, convs, groups=g, dropout_masks=masks), torch.float32,
+                 "prenorm forward with dropout")
+    assert_close(out, fused, torch.float32, "prenorm vs fused")
+    assert_close(tc.temporal_conv_block(x, f, norms, convs, groups=g), fused_eval, torch.float32, "prenorm eval")
+
+
+def test_prenorm_variant_backward_matches_reference(monkeypatch):
+    _use_prenorm(monkeypatch)
+    _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
+
+
 def test_dropout_seed_none_uses_torch_generator():
     b, f, c, g = 1, 2, 6, 2
     x, norms, convs = make_inputs(b, f, c, seed=11)
@@ -345,7 +374,7 @@ def test_compile_specs_are_distinct_and_cover_the_gemms():
     keys = [(s.fn, tuple(sorted(s.constexprs.items())), s.num_warps, s.num_stages) for s in specs]
     assert len(set(keys)) == len(keys), "compile_specs lists a configuration twice"
     mma = {s.name.split("[")[0] for s in specs if s.expects_mma}
-    assert mma == {"stage_fwd", "stage_dgrad", "stage_wgrad"}
+    assert mma == {"stage_fwd", "stage_fwd_prenorm", "stage_dgrad", "stage_wgrad"}
 
 
 def test_compile_sm80_sm90_no_spills_and_mma():

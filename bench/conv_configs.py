@@ -1,0 +1,213 @@
+"""Launch-configuration sweep of the temporal conv's two GEMM kernels, to retune the fixed table in
+`kernels/temporal_conv.py` (`_gemm_config`, `_dgrad_config`) from one GPU call.
+
+For each `pixeldance` level (CFG batch 2, 16 frames, C 320 / 640 / 1280 at 32x32 / 16x16 / 8x8 / 4x4) and each
+candidate (block_m, block_n, block_k, num_warps, num_stages), one stage runs through the real launcher with
+the table swapped for the candidate:
+  * `fwd`: conv(silu(GroupNorm(h))) + bias, the implicit GEMM with the normalisation in its operand prologue;
+  * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward).
+Every row carries the candidate's error against the fp32 PyTorch reference (a configuration that computes
+something else is reported as such, never timed as a winner), and on a GPU its median time and TFLOP/s
+(2 C_out C_in 3 B F H W per stage). The table's own choice is marked `default`. On the CPU (Triton
+interpreter) only the errors are computed, at whatever small shape the caller gives: that checks the
+candidates are valid launches, not their speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .common import emit, env_info
+
+LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # (channels, side) of the pixeldance UNet levels
+VIDEOS, FRAMES, GROUPS = 2, 16, 32
+
+# (block_m, block_n, block_k, num_warps, num_stages[, prenorm]): around the current table, wider row tiles (less
+# recompute of the normalised operand: 3 x C_out / block_m times), deeper K chunks, more stages. Only
+# tiles that compile for sm90 without spills in the training variant (dropout, statistics, residual on):
+# checked with the compile check's tools on the CPU; the dgrad epilogue holds several fp32 tiles, so its
+# tiles stay at 8192 outputs or fewer (128 x 128 and 256 x 64 spill 288-4352 stack bytes there).
+FWD_CANDIDATES = (
+    (64, 64, 32, 4, 3),
+    (64, 128, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+    (128, 64, 32, 8, 4),
+    (128, 128, 32, 8, 3),
+    (256, 64, 32, 8, 3),
+    (256, 64, 64, 8, 3),
+    # prenorm: the activation written by its own pass, the conv a plain GEMM (no per-tile prologue, so
+    # deeper K chunks and wider tiles fit: 70-140 registers, no spills)
+    (128, 64, 64, 8, 3, True),
+    (128, 128, 64, 8, 3, True),
+    (128, 128, 64, 8, 4, True),
+    (256, 64, 64, 8, 3, True),
+)
+DGRAD_CANDIDATES = (
+    (64, 64, 32, 4, 3),
+    (64, 128, 32, 8, 3),
+    (128, 32, 32, 8, 3),
+    (128, 64, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+    (128, 64, 32, 8, 4),
+)
+QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True)),
+         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3))}
+
+
+@contextlib.contextmanager
+def _table(kind: str, config: tuple | None) -> Iterator[None]:
+    """Swap the kernel module's launch table for one candidate (None: leave the table as it is)."""
+    from pdengine.kernels import temporal_conv as tc
+
+    name = "_gemm_config" if kind == "fwd" else "_dgrad_config"
+    original = getattr(tc, name)
+    if config is not None:
+        setattr(tc, name, lambda *args, **kwargs: tc._GemmConfig(*config))
+    try:
+        yield
+    finally:
+        setattr(tc, name, original)
+
+
+def default_config(kind: str, c: int, hw: int, frames: int = FRAMES) -> tuple:
+    """The table's (block_m, block_n, block_k, num_warps, num_stages, prenorm) for one level."""
+    from pdengine.kernels import temporal_conv as tc
+
+    fn = tc._gemm_config if kind == "fwd" else tc._dgrad_config
+    return tuple(fn(c, c, hw, frames * hw))
+
+
+def config_name(config: tuple) -> str:
+    """"128x64x32 w8 s3" (+ " prenorm")."""
+    m, n, k, warps, stages = config[:5]
+    return f"{m}x{n}x{k} w{warps} s{stages}" + (" prenorm" if len(config) > 5 and config[5] else "")
+
+
+def _inputs(c: int, side: int, videos: int, frames: int, device: str, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(videos * frames, c, side, side, device=device, generator=gen).to(dtype)
+    gamma = 1 + 0.1 * torch.randn(c, device=device, generator=gen)
+    beta = 0.1 * torch.randn(c, device=device, generator=gen)
+    weight = (torch.randn(c, c, 3, device=device, generator=gen) / (3 * c) ** 0.5).to(dtype)
+    bias = (0.1 * torch.randn(c, device=device, generator=gen)).to(dtype)
+    g = torch.randn(videos * frames, c, side, side, device=device, generator=gen).to(dtype)
+    return x, gamma, beta, weight, bias, g
+
+
+def _reference(x, gamma, beta, weight, bias, g, frames: int, groups: int, eps: float):
+    """fp32 reference of one stage: its output, and the input gradient for output gradient g."""
+    from pdengine.kernels.temporal_conv_ref import temporal_conv1d_ref, video_group_norm_ref
+
+    x32 = x.float().requires_grad_()
+    a = F.silu(video_group_norm_ref(x32, frames, gamma, beta, groups, eps))
+    out = temporal_conv1d_ref(a, frames, weight.float(), bias.float())
+    (dx,) = torch.autograd.grad(out, x32, g.float())
+    return out.detach(), dx
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _runner(kind: str, x, gamma, beta, weight, bias, g, frames: int, groups: int, eps: float):
+    from pdengine.kernels import temporal_conv as tc
+
+    if kind == "fwd":
+        return lambda: tc.temporal_conv_stage(x, frames, (gamma, beta), (weight, bias), groups=groups, eps=eps)
+    stats = tc.input_stats(x, frames, gamma, beta, groups, eps)
+    w3 = tc._weight3(weight, x.dtype)
+    return lambda: tc._stage_dgrad(g, w3, x, frames, stats, gamma, beta, groups, 0.0, 0, None)[0]
+
+
+def sweep(device: str, levels: Iterable[tuple[int, int]] = LEVELS, quick: bool = False,
+          kinds: Iterable[str] = ("fwd", "dgrad"),
+          videos: int = VIDEOS, frames: int = FRAMES, groups: int = GROUPS, dtype: torch.dtype = torch.bfloat16,
+          eps: float = 1e-5, max_rel_err: float = 2e-2) -> list[dict[str, Any]]:
+    """One row per (kind, level, candidate); the table's own choice comes first at each level."""
+    timed = device == "cuda"
+    if timed:
+        from .common import time_cuda
+    rows: list[dict[str, Any]] = []
+    for c, side in levels:
+        hw = side * side
+        tensors = _inputs(c, side, videos, frames, device, dtype)
+        ref_out, ref_dx = _reference(*tensors, frames, groups, eps)
+        flops = 2 * c * c * 3 * videos * frames * hw
+        for kind in kinds:
+            ref = ref_out if kind == "fwd" else ref_dx
+            default = default_config(kind, c, hw, frames)
+            candidates = QUICK[kind] if quick else (FWD_CANDIDATES if kind == "fwd" else DGRAD_CANDIDATES)
+            seen = set()
+            for config in (default, *candidates):
+                config = tuple(config[:5]) + (bool(config[5]) if len(config) > 5 else False,)
+                if config in seen:
+                    continue
+                seen.add(config)
+                row: dict[str, Any] = {
+                    "bench": "conv_configs", "kind": kind, "device": device, "dtype": str(dtype).split(".")[-1],
+                    "shape": f"B{videos}xF{frames} C{c} {side}x{side}", "config": config_name(config),
+                    "block_m": config[0], "block_n": config[1], "block_k": config[2], "num_warps": config[3],
+                    "num_stages": config[4], "prenorm": config[5], "default": config == default,
+                }
+                try:
+                    with _table(kind, config):
+                        fn = _runner(kind, *tensors, frames, groups, eps)
+                        err = _rel_err(fn(), ref)
+                        row["rel_err"] = err
+                        if err > max_rel_err:
+                            row["status"] = f"wrong: relative error {err:.3g} > {max_rel_err}"
+                        else:
+                            row["status"] = "ok"
+                            if timed:
+                                ms = time_cuda(fn)
+                                row.update({"median_ms": ms, "tflops": flops / ms / 1e9})
+                except Exception as e:  # a candidate that fails to compile or launch is an explicit row
+                    row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+                rows.append(emit(row) if timed else row)
+    return rows
+
+
+def best_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The fastest correct candidate per (kind, shape), with its speedup over the table's default."""
+    out = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["kind"], r["shape"]), []).append(r)
+    for (kind, shape), rs in groups.items():
+        timed = [r for r in rs if r.get("status") == "ok" and "median_ms" in r]
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r["median_ms"])
+        default = next((r for r in timed if r["default"]), None)
+        out.append({"kind": kind, "shape": shape, "best": best["config"], "best_ms": best["median_ms"],
+                    "default": default["config"] if default else None,
+                    "speedup_vs_default": default["median_ms"] / best["median_ms"] if default else None})
+    return out
+
+
+def run_conv_configs(device: str, json_path: Path | None = None, quick: bool = False) -> list[dict[str, Any]]:
+    import json
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    if device == "cpu":
+        # The interpreter at a small shape: validity of every candidate, no timing.
+        rows = sweep("cpu", levels=((32, 4),), quick=quick, videos=1, frames=4, groups=8, dtype=torch.float32,
+                     max_rel_err=1e-4)
+    else:
+        rows = sweep("cuda", quick=quick)
+    stamp = env_info(device)
+    rows = [{**r, **stamp} for r in rows]
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"rows": rows, "best": best_rows(rows)}, indent=2, default=str) + "\n")
+    return rows
