@@ -151,6 +151,49 @@ def git_sha(path: Path | None = None) -> str:
     return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
 
 
+def profile_fields(fn: Callable[[], Any], setup: Callable[[], Any] | None = None, *, reps: int = 3,
+                   top: int = 8) -> dict[str, Any]:
+    """Where one timed call spends its time: `host_issue_ms`, the median host time to issue one call (no
+    sync; when it reaches the device time the row is launch-bound, not GPU-bound), and `top_kernels`, the
+    `top` GPU kernels by device time per call under torch.profiler (on the CPU: the aten ops by self CPU
+    time), each {name, calls, ms} per call."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    issue = []
+    for _ in range(reps + 2):
+        if setup is not None:
+            setup()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        issue.append((time.perf_counter() - t0) * 1e3)
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(reps):
+            if setup is not None:
+                setup()
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    entries = []
+    for e in prof.key_averages():
+        if cuda:
+            if getattr(e, "device_type", None) != DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            entries.append({"name": e.key[:120], "calls": e.count / reps, "ms": us / 1e3 / reps})
+    entries.sort(key=lambda d: -d["ms"])
+    return {"host_issue_ms": statistics.median(issue[2:]), "top_kernels": entries[:top]}
+
+
 def emit(row: dict) -> dict:
     """Print one finished row at once (`ROW {json}`), so a run stopped part way still leaves what it
     measured in its log; the JSON/CSV files are written at the end."""

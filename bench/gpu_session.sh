@@ -48,7 +48,7 @@ on tests && timeout "${T_TESTS:-90}" python3 -m pytest -m gpu -v -rs -p no:cache
 for fam in ${FAMILIES:-latent_update concat_cond temporal_conv temporal_attention}; do
   on kernels || continue
   stage "bench kernels $fam"
-  timeout "${T_KERNELS:-100}" "${PD[@]}" bench kernels --device cuda --quick --family $fam \
+  timeout "${T_KERNELS:-100}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \
     --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 done
 

@@ -42,6 +42,7 @@ from .common import (
     measure_peaks,
     nvml_index,
     nvml_snapshot,
+    profile_fields,
     time_cuda,
     wall_seconds,
 )
@@ -626,7 +627,8 @@ def _forward_output(wl: Workload) -> torch.Tensor:
 
 
 def _gpu_case_rows(case: Case, device: str, dtype: torch.dtype, env: dict[str, str], peaks: dict[str, float],
-                   timer: Callable[..., float], snapshot: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+                   timer: Callable[..., float], snapshot: Callable[[], dict[str, Any]],
+                   profiler: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     try:
         state = case.make_inputs(device, dtype)
@@ -671,6 +673,11 @@ def _gpu_case_rows(case: Case, device: str, dtype: torch.dtype, env: dict[str, s
                 rows.append(_row(case, provider, direction, device, dtype, env, _error(e), **fields))
                 continue
             fields["median_ms"] = ms
+            if profiler is not None:
+                try:
+                    fields.update(profiler(_timed_fn(wl, direction), setup=wl.setup))
+                except Exception as e:  # the timing stands; the profile says why it is missing
+                    fields["profile_status"] = _error(e)
             if isinstance(flops, str):
                 fields["flops_status"] = flops
             elif flops.get(direction):
@@ -715,9 +722,11 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
 
 def run_gpu(cases: list[Case], device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
             timer: Callable[..., float] = time_cuda, peaks: dict[str, float] | None = None,
-            snapshot: Callable[[], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+            snapshot: Callable[[], dict[str, Any]] | None = None,
+            profiler: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Timed rows of every case. `timer`, `peaks` and `snapshot` default to CUDA events, peaks measured
-    now and NVML of the current device; tests replace them to run the bookkeeping on the CPU."""
+    now and NVML of the current device; tests replace them to run the bookkeeping on the CPU. `profiler`
+    (e.g. `common.profile_fields`) adds its fields to every timed row."""
     env = env_info(device)
     if peaks is None:
         peaks = measure_peaks(device)
@@ -732,7 +741,7 @@ def run_gpu(cases: list[Case], device: str = "cuda", dtype: torch.dtype = torch.
     env = {**env, **{k: peaks[k] for k in ("peak_gbps", "peak_tflops")}}
     rows: list[dict[str, Any]] = []
     for case in cases:
-        rows += [emit(r) for r in _gpu_case_rows(case, device, dtype, env, peaks, timer, snapshot)]
+        rows += [emit(r) for r in _gpu_case_rows(case, device, dtype, env, peaks, timer, snapshot, profiler)]
         if device == "cuda":
             torch.cuda.empty_cache()
     add_speedups(rows)
@@ -770,7 +779,7 @@ def write_rows(rows: list[dict[str, Any]], json_path: Path | None, csv_path: Pat
 
 
 def run_kernel_bench(device: str, json_path: Path | None, csv_path: Path | None, families: list[str] | None,
-                     quick: bool) -> list[dict]:
+                     quick: bool, profile: bool = False) -> list[dict]:
     """Benchmark `families` (default: all four) on `device` ("cuda": timings; "cpu": byte counts and
     compile statistics), write JSON/CSV/SVG where asked, and return the rows."""
     if device not in ("cpu", "cuda"):
@@ -782,6 +791,9 @@ def run_kernel_bench(device: str, json_path: Path | None, csv_path: Path | None,
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for byte counts")
     cases = build_cases(families, quick)
-    rows = run_gpu(cases) if device == "cuda" else run_cpu(cases, families)
+    if device == "cuda":
+        rows = run_gpu(cases, profiler=profile_fields if profile else None)
+    else:
+        rows = run_cpu(cases, families)
     write_rows(rows, json_path, csv_path)
     return rows

@@ -141,7 +141,9 @@ def bench() -> None:
               type=click.Choice(["temporal_conv", "temporal_attention", "concat_cond", "latent_update"]),
               help="Only these kernel families (repeatable).  [default: all]")
 @click.option("--quick", is_flag=True, help="Fewer shapes.")
-def bench_kernels(device, json_path, csv_path, families, quick):
+@click.option("--profile", is_flag=True,
+              help="cuda: add each row's host issue time and its top GPU kernels (torch.profiler).")
+def bench_kernels(device, json_path, csv_path, families, quick, profile):
     """Each kernel family at the pixeldance shapes, side by side with its references."""
     from pathlib import Path
 
@@ -152,7 +154,7 @@ def bench_kernels(device, json_path, csv_path, families, quick):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = run_kernel_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
-                            list(families) or None, quick)
+                            list(families) or None, quick, profile)
     failed = [r for r in rows if r.get("status", "ok") != "ok"]
     click.echo(f"{len(rows)} rows ({len(failed)} failed)" + (f"; JSON: {json_path}" if json_path else ""))
 

@@ -298,6 +298,37 @@ def test_timed_latent_update_providers_agree():
     assert by["triton"]["bytes_modeled"] > 0 and "gbps" in by["triton"]
 
 
+def test_profiler_fields_join_timed_rows_and_a_failing_profile_keeps_the_timing():
+    (case,) = K.build_cases(["latent_update"], quick=True, frames=2)
+    del case.providers["torch_compile"]
+    calls = []
+
+    def profiler(fn, setup=None):
+        calls.append(fn)
+        if len(calls) == 2:
+            raise RuntimeError("profiler unavailable")
+        return {"host_issue_ms": 0.25, "top_kernels": [{"name": "k", "calls": 1.0, "ms": 0.1}]}
+
+    rows = K.run_gpu([case], device="cpu", dtype=torch.float32, timer=lambda fn, setup=None: (setup(), fn(), 1.0)[2],
+                     peaks={"peak_gbps": 1.0, "peak_tflops": 1.0}, snapshot=dict, profiler=profiler)
+    assert len(calls) == len(rows) == 3 and all(r["status"] == "ok" and r["median_ms"] == 1.0 for r in rows)
+    assert [("host_issue_ms" in r, "profile_status" in r) for r in rows] == [(True, False), (False, True),
+                                                                            (True, False)]
+    assert rows[1]["profile_status"] == "error: RuntimeError: profiler unavailable"
+
+
+def test_profile_fields_on_cpu_name_the_ops_that_take_the_time():
+    from pdengine.bench.common import profile_fields
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    setups = []
+    fields = profile_fields(lambda: a @ b, setup=lambda: setups.append(1), reps=2)
+    assert fields["host_issue_ms"] > 0 and len(setups) == 2 + 4
+    names = [k["name"] for k in fields["top_kernels"]]
+    assert any("mm" in n for n in names), names
+    assert all(k["calls"] > 0 and k["ms"] > 0 for k in fields["top_kernels"])
+
+
 # ------------------------------------------------------------------------------------------- plot
 
 
