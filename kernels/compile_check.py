@@ -39,6 +39,11 @@ class CompileSpec:
     num_warps: int = 4
     num_stages: int = 3
     expects_mma: bool = False  # the kernel multiplies matrices: its SASS must use tensor cores
+    # Int arguments that are multiples of 16 at the preset's shapes. Triton's launcher specializes on that
+    # (and on 16-byte-aligned pointers, which every pointer here is taken to be, as fresh PyTorch
+    # allocations are), and only then can the compiler prove contiguity and alignment for vector loads:
+    # naming them compiles the variant that actually runs.
+    divisible: tuple[str, ...] = ()
 
 
 @dataclass
@@ -82,7 +87,7 @@ def _key(spec: CompileSpec, arch: int) -> str:
     fn = getattr(spec.fn, "fn", spec.fn)
     src = inspect.getsource(fn)
     blob = json.dumps([src, spec.signature, {k: repr(v) for k, v in spec.constexprs.items()}, spec.num_warps,
-                       spec.num_stages, arch, triton.__version__], sort_keys=True)
+                       spec.num_stages, arch, triton.__version__, sorted(spec.divisible)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -97,11 +102,22 @@ def parse_resource_usage(text: str) -> dict[str, int]:
     return out
 
 
+def _divisibility_attrs(spec: CompileSpec) -> dict[tuple[int, ...], list[list[Any]]]:
+    """The launcher's specialization as compile attributes: pointers and `spec.divisible` ints % 16 == 0."""
+    unknown = set(spec.divisible) - set(spec.signature)
+    if unknown:
+        raise ValueError(f"{spec.name}: divisible names unknown arguments {sorted(unknown)}")
+    names = list(spec.fn.arg_names)  # positions as the JITFunction numbers its arguments
+    return {(names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
+            if kind.startswith("*") or (name in spec.divisible and kind != "constexpr")}
+
+
 def _compile_here(spec: CompileSpec, arch: int) -> CompileReport:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+    src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
+                                    attrs=_divisibility_attrs(spec))
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1070,6 +1070,9 @@ _PRESET = {"b": 2, "f": 16, "groups": 32, "channels": (320, 640, 1280), "hw": (1
 
 
 _FLOAT_ARGS = {"p_drop", "drop_scale", "eps", "inv_n"}
+# Int arguments that are multiples of 16 at the preset (C in {320, 640, 1280}, F = 16, H*W in {1024, 256, 64,
+# 16}, the packed weight's strides C_in and C_out*C_in, rows B*F*C): the launcher specializes on that.
+_DIVISIBLE_AT_PRESET = {"C_in", "C_out", "C", "F", "HW", "stride_w_o", "stride_w_k", "ROWS"}
 _FP32_PTRS = {"center_ptr", "scale_ptr", "shift_ptr", "pmean_ptr", "pm2_ptr", "mean_ptr", "rstd_ptr", "ps1_ptr",
               "ps2_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "coef_a_ptr", "coef_b_ptr", "coef_c_ptr"}
 
@@ -1100,8 +1103,9 @@ def compile_specs() -> list[CompileSpec]:
         key = (name, tuple(sorted(consts.items())), num_warps, num_stages)
         tag = "-".join(f"{k.lower()}{int(v) if isinstance(v, bool) else v}" for k, v in consts.items()
                        if k not in ("DOT_PRECISION", "INTERPRETED"))
-        specs.setdefault(key, CompileSpec(f"{name}[{tag}-w{num_warps}]", fn, _signature(fn, consts), consts,
-                                          num_warps, num_stages, mma))
+        sig = _signature(fn, consts)
+        specs.setdefault(key, CompileSpec(f"{name}[{tag}-w{num_warps}]", fn, sig, consts, num_warps, num_stages, mma,
+                                          divisible=tuple(n for n in sig if n in _DIVISIBLE_AT_PRESET)))
 
     b, f, groups = _PRESET["b"], _PRESET["f"], _PRESET["groups"]
     for c in _PRESET["channels"]:

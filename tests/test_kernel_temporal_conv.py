@@ -377,6 +377,22 @@ def test_compile_specs_are_distinct_and_cover_the_gemms():
     assert mma == {"stage_fwd", "stage_fwd_prenorm", "stage_dgrad", "stage_wgrad"}
 
 
+def test_compile_specs_carry_the_launchers_divisibility_specialization():
+    from dataclasses import replace
+
+    from pdengine.kernels.compile_check import _divisibility_attrs
+
+    spec = next(s for s in tc.compile_specs() if s.name.startswith("stage_fwd["))
+    assert {"C_in", "C_out", "F", "HW", "stride_w_o", "stride_w_k"} <= set(spec.divisible)
+    names = list(spec.fn.arg_names)
+    attrs = _divisibility_attrs(spec)
+    marked = {names[i] for (i,) in attrs}
+    assert marked == {n for n, kind in spec.signature.items() if kind.startswith("*")} | set(spec.divisible)
+    assert "seed" not in marked and "NT" not in marked
+    with pytest.raises(ValueError, match="unknown arguments"):
+        _divisibility_attrs(replace(spec, divisible=("no_such_arg",)))
+
+
 def test_compile_sm80_sm90_no_spills_and_mma():
     # A fresh process without TRITON_INTERPRET (there @triton.jit gives compilable JITFunctions; here
     # tl.rand and tl.sigmoid are interpreter functions); one process per arch, in parallel.
