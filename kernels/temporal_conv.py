@@ -635,9 +635,9 @@ def _weight3(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(C_out, C_in, 3[, 1, 1]) -> a (C_out, C_in, 3) view, in the activations' dtype, of memory laid out
     tap-major (3, C_out, C_in): channels contiguous, so the GEMM kernels load weight tiles as 16-byte
     vectors into their software pipeline. (With the parameter's own layout the channel stride is 3
-    elements: the sm90 SASS of the forward then loads both operands with scalar 2-byte loads outside the
-    pipeline, 157 registers; packed, both are asynchronous 16-byte copies, 64 registers. The copy costs
-    one pass over the weight, 3 C_out C_in elements, per call.)"""
+    elements: the sm90 SASS of the inference forward at 1280 channels, 8x8, then loads both operands with
+    scalar 2-byte loads outside the pipeline, 157 registers; packed, both are asynchronous 16-byte copies,
+    64 registers. The copy costs one pass over the weight, 3 C_out C_in elements, per call.)"""
     if weight.dim() == 5:
         if weight.shape[2:] != (3, 1, 1):
             raise ValueError(f"temporal conv weight must be (C_out, C_in, 3, 1, 1), got {tuple(weight.shape)}")
