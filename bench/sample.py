@@ -220,6 +220,8 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -
 def run_sample_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
                      batches: list[int] | None = None, steps: int = 50,
                      compile_mode: str = "max-autotune") -> list[dict[str, Any]]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for the proxies")
     batches = batches or [1, 8, 16]
     rows = _gpu_rows(batches, steps, compile_mode) if device == "cuda" else _cpu_rows(batches, steps)
     stamp = env_info(device)

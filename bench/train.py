@@ -171,6 +171,8 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
 
 def run_train_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
                     preset: str = "pixeldance", batches: list[int] | None = None, steps: int = 5) -> list[dict]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for the proxies")
     rows = _gpu_rows(preset, batches or [1, 2, 4], steps) if device == "cuda" else _cpu_rows(preset)
     stamp = env_info(device)
     rows = [{**r, **stamp} for r in rows]

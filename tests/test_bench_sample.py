@@ -51,3 +51,12 @@ def test_bench_train_cpu_counts_saved_activations(tmp_path):
     assert ref["saved_activation_gib_per_sample"] > 0 and ref["parameters"] > 1_000_000
     assert state_bytes(10, "fp32_master") == {"param_bytes": 40, "grad_bytes": 40, "optimizer_bytes": 80}
     assert (tmp_path / "train.csv").is_file()
+
+
+def test_bench_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        return
+    for bench in ("sample", "train"):
+        res = CliRunner().invoke(main, ["bench", bench, "--device", "cuda", "--batch", "1"])
+        assert res.exit_code != 0
+        assert "torch sees no CUDA device" in str(res.exception), (bench, res.exception)
