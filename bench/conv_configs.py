@@ -1,11 +1,12 @@
-"""Launch-configuration sweep of the temporal conv's two GEMM kernels, to retune the fixed table in
-`kernels/temporal_conv.py` (`_gemm_config`, `_dgrad_config`) from one GPU call.
+"""Launch-configuration sweep of the temporal conv's three GEMM kernels, to retune the fixed tables in
+`kernels/temporal_conv.py` (`_gemm_config`, `_dgrad_config`, `_wgrad_config`) from one GPU call.
 
 For each `pixeldance` level (CFG batch 2, 16 frames, C 320 / 640 / 1280 at 32x32 / 16x16 / 8x8 / 4x4) and each
 candidate (block_m, block_n, block_k, num_warps, num_stages), one stage runs through the real launcher with
 the table swapped for the candidate:
   * `fwd`: conv(silu(GroupNorm(h))) + bias, the implicit GEMM with the normalisation in its operand prologue;
-  * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward).
+  * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward);
+  * `wgrad`: the conv weight's gradient (split over the columns into partials, then summed).
 Every row carries the candidate's error against the fp32 PyTorch reference (a configuration that computes
 something else is reported as such, never timed as a winner), and on a GPU its median time and TFLOP/s
 (2 C_out C_in 3 B F H W per stage). The table's own choice is marked `default`. On the CPU (Triton
@@ -57,8 +58,21 @@ DGRAD_CANDIDATES = (
     (128, 64, 64, 8, 3),
     (128, 64, 32, 8, 4),
 )
+# Weight gradient: (block_o, block_c, block_n, split, num_warps, num_stages); split = 0 keeps the table's
+# split for that tile (about one wave of programs). 128 x 128 tiles spill (three fp32 accumulators).
+WGRAD_CANDIDATES = (
+    (64, 64, 32, 0, 8, 2),
+    (64, 64, 32, 1, 8, 2),
+    (64, 64, 32, 16, 8, 2),
+    (64, 64, 64, 0, 8, 2),
+    (64, 64, 32, 0, 8, 3),
+    (128, 64, 32, 0, 8, 2),
+    (64, 128, 32, 0, 8, 2),
+)
 QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True)),
-         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3))}
+         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3)),
+         "wgrad": ((64, 64, 32, 1, 8, 2), (128, 64, 32, 0, 8, 2))}
+KINDS = ("fwd", "dgrad", "wgrad")
 
 
 @contextlib.contextmanager
@@ -66,26 +80,40 @@ def _table(kind: str, config: tuple | None) -> Iterator[None]:
     """Swap the kernel module's launch table for one candidate (None: leave the table as it is)."""
     from pdengine.kernels import temporal_conv as tc
 
-    name = "_gemm_config" if kind == "fwd" else "_dgrad_config"
+    name = {"fwd": "_gemm_config", "dgrad": "_dgrad_config", "wgrad": "_wgrad_config"}[kind]
     original = getattr(tc, name)
     if config is not None:
-        setattr(tc, name, lambda *args, **kwargs: tc._GemmConfig(*config))
+        if kind == "wgrad":
+            def table(*args, **kwargs):
+                if not config[3]:
+                    raise ValueError("a wgrad candidate needs its split resolved (_normalise)")
+                return tc._WgradConfig(*config)
+        else:
+            def table(*args, **kwargs):
+                return tc._GemmConfig(*config)
+        setattr(tc, name, table)
     try:
         yield
     finally:
         setattr(tc, name, original)
 
 
-def default_config(kind: str, c: int, hw: int, frames: int = FRAMES) -> tuple:
-    """The table's (block_m, block_n, block_k, num_warps, num_stages, prenorm) for one level."""
+def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int = VIDEOS) -> tuple:
+    """The table's (block_m, block_n, block_k, num_warps, num_stages, prenorm) for one level; for wgrad
+    (block_o, block_c, block_n, split, num_warps, num_stages)."""
     from pdengine.kernels import temporal_conv as tc
 
+    if kind == "wgrad":
+        return tuple(tc._wgrad_config(c, c, videos, frames * hw))
     fn = tc._gemm_config if kind == "fwd" else tc._dgrad_config
     return tuple(fn(c, c, hw, frames * hw))
 
 
-def config_name(config: tuple) -> str:
-    """"128x64x32 w8 s3" (+ " prenorm")."""
+def config_name(kind: str, config: tuple) -> str:
+    """"128x64x32 w8 s3" (+ " prenorm"); wgrad "64x64x32 split4 w8 s2"."""
+    if kind == "wgrad":
+        o, c, n, split, warps, stages = config
+        return f"{o}x{c}x{n} split{split or 'auto'} w{warps} s{stages}"
     m, n, k, warps, stages = config[:5]
     return f"{m}x{n}x{k} w{warps} s{stages}" + (" prenorm" if len(config) > 5 and config[5] else "")
 
@@ -102,14 +130,16 @@ def _inputs(c: int, side: int, videos: int, frames: int, device: str, dtype: tor
 
 
 def _reference(x, gamma, beta, weight, bias, g, frames: int, groups: int, eps: float):
-    """fp32 reference of one stage: its output, and the input gradient for output gradient g."""
+    """fp32 reference of one stage, {kind: expected}: its output, and for output gradient g the input and
+    weight gradients."""
     from pdengine.kernels.temporal_conv_ref import temporal_conv1d_ref, video_group_norm_ref
 
     x32 = x.float().requires_grad_()
+    w32 = weight.float().requires_grad_()
     a = F.silu(video_group_norm_ref(x32, frames, gamma, beta, groups, eps))
-    out = temporal_conv1d_ref(a, frames, weight.float(), bias.float())
-    (dx,) = torch.autograd.grad(out, x32, g.float())
-    return out.detach(), dx
+    out = temporal_conv1d_ref(a, frames, w32, bias.float())
+    dx, dw = torch.autograd.grad(out, (x32, w32), g.float())
+    return {"fwd": out.detach(), "dgrad": dx, "wgrad": dw}
 
 
 def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -124,12 +154,31 @@ def _runner(kind: str, x, gamma, beta, weight, bias, g, frames: int, groups: int
     if kind == "fwd":
         return lambda: tc.temporal_conv_stage(x, frames, (gamma, beta), (weight, bias), groups=groups, eps=eps)
     stats = tc.input_stats(x, frames, gamma, beta, groups, eps)
+    if kind == "wgrad":
+        return lambda: tc._stage_wgrad(g, x, frames, stats, weight, bias, 0.0, 0)[0]
     w3 = tc._weight3(weight, x.dtype)
     return lambda: tc._stage_dgrad(g, w3, x, frames, stats, gamma, beta, groups, 0.0, 0, None)[0]
 
 
+def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple:
+    """A candidate as the launcher will see it: GEMM kinds get prenorm (default False); wgrad's split 0
+    becomes the split the table's rule gives that tile (about one wave of programs)."""
+    if kind != "wgrad":
+        return tuple(config[:5]) + (bool(config[5]) if len(config) > 5 else False,)
+    from pdengine.kernels import temporal_conv as tc
+
+    o, cc, n, split, warps, stages = config
+    return (o, cc, n, split or tc._wgrad_split(c, c, videos, fhw, o, cc, n), warps, stages)
+
+
+def _fields(kind: str, config: tuple) -> dict[str, Any]:
+    names = (("block_o", "block_c", "block_n", "split", "num_warps", "num_stages") if kind == "wgrad" else
+             ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm"))
+    return dict(zip(names, config))
+
+
 def sweep(device: str, levels: Iterable[tuple[int, int]] = LEVELS, quick: bool = False,
-          kinds: Iterable[str] = ("fwd", "dgrad"),
+          kinds: Iterable[str] = KINDS,
           videos: int = VIDEOS, frames: int = FRAMES, groups: int = GROUPS, dtype: torch.dtype = torch.bfloat16,
           eps: float = 1e-5, max_rel_err: float = 2e-2) -> list[dict[str, Any]]:
     """One row per (kind, level, candidate); the table's own choice comes first at each level."""
@@ -140,23 +189,23 @@ def sweep(device: str, levels: Iterable[tuple[int, int]] = LEVELS, quick: bool =
     for c, side in levels:
         hw = side * side
         tensors = _inputs(c, side, videos, frames, device, dtype)
-        ref_out, ref_dx = _reference(*tensors, frames, groups, eps)
-        flops = 2 * c * c * 3 * videos * frames * hw
+        expected = _reference(*tensors, frames, groups, eps)
+        flops = 2 * c * c * 3 * videos * frames * hw  # every kind is one GEMM of this size
         for kind in kinds:
-            ref = ref_out if kind == "fwd" else ref_dx
-            default = default_config(kind, c, hw, frames)
-            candidates = QUICK[kind] if quick else (FWD_CANDIDATES if kind == "fwd" else DGRAD_CANDIDATES)
+            ref = expected[kind]
+            default = _normalise(kind, default_config(kind, c, hw, frames, videos), c, videos, frames * hw)
+            candidates = QUICK[kind] if quick else {"fwd": FWD_CANDIDATES, "dgrad": DGRAD_CANDIDATES,
+                                                    "wgrad": WGRAD_CANDIDATES}[kind]
             seen = set()
             for config in (default, *candidates):
-                config = tuple(config[:5]) + (bool(config[5]) if len(config) > 5 else False,)
+                config = _normalise(kind, config, c, videos, frames * hw)
                 if config in seen:
                     continue
                 seen.add(config)
                 row: dict[str, Any] = {
                     "bench": "conv_configs", "kind": kind, "device": device, "dtype": str(dtype).split(".")[-1],
-                    "shape": f"B{videos}xF{frames} C{c} {side}x{side}", "config": config_name(config),
-                    "block_m": config[0], "block_n": config[1], "block_k": config[2], "num_warps": config[3],
-                    "num_stages": config[4], "prenorm": config[5], "default": config == default,
+                    "shape": f"B{videos}xF{frames} C{c} {side}x{side}", "config": config_name(kind, config),
+                    **_fields(kind, config), "default": config == default,
                 }
                 try:
                     with _table(kind, config):

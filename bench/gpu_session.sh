@@ -7,9 +7,9 @@
 # .whl (git-ignored via .git/info/exclude) with `pip download --no-deps --only-binary=:all:` first.
 # Seen on an H200 (2026-11-30): setup 15 s, tests 40 s, kernels 22 + 23 + 83 (temporal conv) + 40 s, sample
 # batch 1 about 40 s with Triton compiles and graph capture; batch 8 and train did not finish in 100 / 50 s.
-# One call may run 600 s at most: the default stages (all but compile) may not all fit in one; the order puts
-# what matters most first (tests, kernels, the temporal conv's launch-configuration sweep "tune", sample),
-# so give train and compile a second call if the lease has time left.
+# One call may run 600 s at most and a lease is 15 minutes: run STAGES="tests kernels tune" first (about
+# 8 minutes: "tune" is `pdengine bench conv-configs`, the temporal conv's forward / dgrad / wgrad launch
+# configurations, about 4 minutes), then at once, while the machine is warm, STAGES="sample train".
 # Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
 # subset of "tests kernels tune sample train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
 # TRAIN_BATCHES. Every finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by
@@ -53,7 +53,7 @@ for fam in ${FAMILIES:-latent_update concat_cond temporal_conv temporal_attentio
 done
 
 on tune && stage bench conv-configs &&
-timeout "${T_TUNE:-150}" "${PD[@]}" bench conv-configs --device cuda \
+timeout "${T_TUNE:-270}" "${PD[@]}" bench conv-configs --device cuda \
   --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&

@@ -586,10 +586,16 @@ def _wgrad_config(c_out: int, c_in: int, b: int, fhw: int) -> _WgradConfig:
     block_o = _pow2_clamp(c_out, 16, 64)
     block_c = _pow2_clamp(c_in, 16, 64)
     block_n = _pow2_clamp(fhw, 16, 32)
+    split = _wgrad_split(c_out, c_in, b, fhw, block_o, block_c, block_n)
+    return _WgradConfig(block_o, block_c, block_n, split, 8, 2)
+
+
+def _wgrad_split(c_out: int, c_in: int, b: int, fhw: int, block_o: int, block_c: int, block_n: int) -> int:
+    """Partials over the columns: enough programs for about one wave, at least 8 column chunks each, at
+    most 8 partials."""
     tiles = triton.cdiv(c_out, block_o) * triton.cdiv(c_in, block_c)
     chunks = b * triton.cdiv(fhw, block_n)
-    split = max(1, min(_WGRAD_PROGRAMS // tiles, chunks // 8, 8))
-    return _WgradConfig(block_o, block_c, block_n, split, 8, 2)
+    return max(1, min(_WGRAD_PROGRAMS // tiles, chunks // 8, 8))
 
 
 def _reduce_blocks(cpg: int) -> tuple[int, int]:

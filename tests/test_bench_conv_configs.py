@@ -1,5 +1,5 @@
 """The temporal conv launch-configuration sweep on the CPU (Triton interpreter): every candidate is a valid
-launch that computes the reference's stage, the table swap reaches the launcher and is undone, and a
+launch that computes the reference's stage (forward, input and weight gradients), the table swap reaches the launcher and is undone, and a
 candidate that computes something else is reported as wrong."""
 
 from __future__ import annotations
@@ -19,21 +19,23 @@ SMALL = dict(levels=((32, 4),), videos=1, frames=4, groups=8, dtype=torch.float3
 
 def test_every_quick_candidate_matches_the_reference():
     rows = CC.sweep("cpu", quick=True, **SMALL)
-    assert {r["kind"] for r in rows} == {"fwd", "dgrad"}
-    for kind in ("fwd", "dgrad"):
+    assert {r["kind"] for r in rows} == {"fwd", "dgrad", "wgrad"}
+    for kind in ("fwd", "dgrad", "wgrad"):
         mine = [r for r in rows if r["kind"] == kind]
         assert sum(r["default"] for r in mine) == 1 and mine[0]["default"]
         assert len(mine) == 1 + len(CC.QUICK[kind])  # the default at this small shape is none of them
     assert any(r["prenorm"] for r in rows if r["kind"] == "fwd")
+    assert all(r["split"] >= 1 for r in rows if r["kind"] == "wgrad")
     bad = [(r["kind"], r["config"], r["status"]) for r in rows if r["status"] != "ok"]
     assert not bad
     assert all("median_ms" not in r for r in rows)  # no timing without a GPU
 
 
-@pytest.mark.parametrize("kind,name", [("fwd", "_gemm_config"), ("dgrad", "_dgrad_config")])
-def test_table_swap_reaches_the_launcher_and_is_undone(kind, name):
+@pytest.mark.parametrize("kind,name,config", [("fwd", "_gemm_config", (16, 16, 16, 4, 2, True)),
+                                               ("dgrad", "_dgrad_config", (16, 16, 16, 4, 2, False)),
+                                               ("wgrad", "_wgrad_config", (16, 16, 16, 3, 4, 2))])
+def test_table_swap_reaches_the_launcher_and_is_undone(kind, name, config):
     original = getattr(tc, name)
-    config = (16, 16, 16, 4, 2, True)
     with CC._table(kind, config):
         assert tuple(getattr(tc, name)(320, 320, 64, 1024)) == config
     assert getattr(tc, name) is original
@@ -46,8 +48,7 @@ def test_a_candidate_that_computes_something_else_is_reported(monkeypatch):
     real = CC._reference
 
     def off_by_one_percent(*args, **kwargs):
-        out, dx = real(*args, **kwargs)
-        return out * 1.01, dx * 1.01
+        return {kind: t * 1.01 for kind, t in real(*args, **kwargs).items()}
 
     monkeypatch.setattr(CC, "_reference", off_by_one_percent)
     rows = CC.sweep("cpu", quick=True, **SMALL)
