@@ -131,14 +131,12 @@ def _gpu_rows(batches: list[int], steps: int, compile_mode: str) -> list[dict[st
     compiled = None if compile_mode == "none" else torch.compile(ref, mode=compile_mode)
     rows = []
     for b in batches:
-        rows += _gpu_batch_rows(b, steps, cfg, ours, ref, compiled, peaks)
-    for r in rows:
-        if r["provider"] == "diffusers_compile":
-            r["compile_mode"] = compile_mode
+        rows += _gpu_batch_rows(b, steps, cfg, ours, ref, compiled, peaks, compile_mode)
     return rows
 
 
-def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -> list[dict]:  # pragma: no cover
+def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
+                    compile_mode: str) -> list[dict]:  # pragma: no cover
     import time
 
     from diffusers import DDIMScheduler as DiffusersDDIM
@@ -195,6 +193,8 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks) -
     for name, fn in providers.items():
         row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+        if name == "diffusers_compile":
+            row["compile_mode"] = compile_mode
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

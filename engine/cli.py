@@ -165,7 +165,7 @@ def bench_kernels(device, json_path, csv_path, families, quick, profile):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
 @click.option("--quick", is_flag=True, help="Two or three candidates per kernel instead of six or eight.")
 def bench_conv_configs(device, json_path, quick):
-    """Launch-configuration sweep of the temporal conv's GEMM kernels (forward and dgrad)."""
+    """Launch-configuration sweep of the temporal conv's GEMM kernels (forward, dgrad, wgrad)."""
     from pathlib import Path
 
     from pdengine.bench.conv_configs import best_rows, run_conv_configs
