@@ -15,11 +15,11 @@ How the shipped demo (`engine/demo/`, `--model demo`) is made, end to end, is `t
 The parts `demo init` writes:
 - tokenizer: a real `CLIPTokenizer` whose vocabulary gives every word the generator can write one token
   (`synth.vocabulary()`); any other text still tokenizes (byte-level BPE);
-- text_encoder: a small `CLIPTextModel` (hidden 32, 2 layers), seeded and frozen. The shipped demo's is not
-  trained: the UNet learns to read its (fixed, distinct) embeddings of the captions, as PixelDance reads
-  frozen CLIP's. Its UNet did not learn the motion words in 6,000 steps (engine/demo/README.md); `--text-steps N`
-  pretrains the encoder on the caption grammar first (`train/text_pretrain.py`), a stand-in for CLIP's
-  pretraining;
+- text_encoder: a small `CLIPTextModel` (hidden 32, 2 layers), seeded, optionally pretrained, then frozen:
+  the UNet learns to read its fixed embeddings of the captions, as PixelDance reads frozen CLIP's.
+  `--text-steps N` pretrains it on the caption grammar first (`train/text_pretrain.py`, a stand-in for
+  CLIP's pretraining); the shipped demo's had 600 steps. Left at random weights (N = 0, the earlier demo),
+  its UNet never learned the motion words in 6,000 steps (engine/demo/README.md);
 - vae: the `pdengine train-vae` AutoencoderKL (spatial factor 4: 64x64 frames -> 16x16x4 latents);
 - scheduler: Stable Diffusion's scaled-linear schedule with DDIM (the engine default), v-prediction
   (`DEMO_PREDICTION`: the paper predicts epsilon);

@@ -10,8 +10,9 @@
 # ONLY (no-last or no-text: train or evaluate just that run; full too for ablation-eval), EVAL_THREADS (2; 1
 # when a training run shares the 2 cores: oversubscribed OpenMP threads slowed sampling about 5x here),
 # GUIDANCE (ablation-eval: a guidance scale instead of the packaged folders' default; tags the output names),
-# TEXT_STEPS (0: the text encoder keeps its seeded random weights, as in the shipped demo; N: `demo init`
-# pretrains it N steps on the caption grammar first, see train/text_pretrain.py).
+# TEXT_STEPS (600, as the shipped demo: `demo init` pretrains the text encoder that many steps on the caption
+# grammar before it is frozen, see train/text_pretrain.py; 0 keeps its seeded random weights, as the earlier
+# demo had, whose UNet never learned the motion words).
 # Deviations from the paper's recipe, for 8-frame 64x64 clips (see train/demo.py and the model README):
 #   --last-frame-window 1  the paper picks among the last 3 of 16 frames; here one frame moves an object up to
 #                          4.6 px, so a window of 3 would teach the clip to end up to 2 frames past the instruction;
@@ -49,7 +50,7 @@ for stage in $STAGES; do
     data) pdengine data synth --out "$W/data" --videos 2000 --images 1000 --frames 8 --seed 0 ;;
     vae) pdengine train-vae --data "$W/data/images.csv" --data "$W/data/train.csv" \
            --eval-data "$W/data/heldout.csv" --out "$W/vae" --steps 2500 --schedule cosine --lr 1e-3 --loss mse ;;
-    init) pdengine demo init --vae "$W/vae" --out "$W/init" --seed 0 --text-steps "${TEXT_STEPS:-0}" ;;
+    init) pdengine demo init --vae "$W/vae" --out "$W/init" --seed 0 --text-steps "${TEXT_STEPS:-600}" ;;
     cache)
       pdengine cache-latents --model "$W/init" --data "$W/data/train.csv" --resolution 64 --frames 8 \
         --out "$W/cache/videos" --device cpu

@@ -3,9 +3,9 @@
 PixelDance reads a *pretrained* frozen CLIP: every hidden state of a caption already says what the caption
 is about. A randomly initialised CLIPTextModel does not: its causal layers spread each word thinly over the
 later positions, so in the ~70 padding positions (most of what cross-attention sees) "left" and "right"
-differ by 5% of the state's norm, "grows" and "shrinks" by 9% (the demo's encoder, mean over positions).
-The demo UNet trained on that encoder (6,000 steps) reads the colour words but not the motion words: its
-held-out loss does not move when "left" becomes "right" or "grows" becomes "shrinks" (engine/demo/README.md). After pretraining as below
+differ by 5% of the state's norm, "grows" and "shrinks" by 9% (the earlier demo's encoder, mean over positions).
+The earlier demo UNet, trained on that encoder (6,000 steps), read the colour words but not the motion words: its
+held-out loss did not move when "left" becomes "right" or "grows" becomes "shrinks" (engine/demo/README.md). After pretraining as below
 (600 steps on all 183 captions: 79 s on one CPU core, every (caption, position) read back exactly) the two
 pairs differ by 71% and 81%.
 
