@@ -460,6 +460,18 @@ def _gn_bwd_reduce_kernel(
 
 
 @triton.jit
+def _row_pixel_tile(ROWS, C, F, HW, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The elementwise kernels' 2D tile of (row = (b, f, c), pixel): its row mask, element mask, the rows'
+    (video, channel) index for gathering per-(video, channel) coefficients, and the elements' offsets."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r_ok = rows < ROWS
+    mask = r_ok[:, None] & (offs_p < HW)[None, :]
+    bc = (rows // (F * C)) * C + rows % C
+    return r_ok, mask, bc, rows[:, None] * HW + offs_p[None, :]
+
+
+@triton.jit
 def _gn_bwd_apply_kernel(
     dn_ptr,  # (B*F, C, HW)
     h_ptr,  # (B*F, C, HW) the stage input
@@ -471,16 +483,10 @@ def _gn_bwd_apply_kernel(
     ROWS, C, F, HW,
     HAS_RESIDUAL: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # 2D tile of (row = (b, f, c), pixel): the per-(video, channel) coefficients are gathered per row.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    r_ok = rows < ROWS
-    mask = r_ok[:, None] & (offs_p < HW)[None, :]
-    bc = (rows // (F * C)) * C + rows % C
+    r_ok, mask, bc, offs = _row_pixel_tile(ROWS, C, F, HW, BLOCK_R, BLOCK_P)
     ca = tl.load(coef_a_ptr + bc, mask=r_ok, other=0.0)
     cb = tl.load(coef_b_ptr + bc, mask=r_ok, other=0.0)
     cc = tl.load(coef_c_ptr + bc, mask=r_ok, other=0.0)
-    offs = rows[:, None] * HW + offs_p[None, :]
     dn = tl.load(dn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dh = ca[:, None] * dn + cb[:, None] * h + cc[:, None]
@@ -499,15 +505,10 @@ def _norm_act_kernel(
 ):
     # The forward's operand prologue as its own pass (the PRENORM variant): same arithmetic, same dropout
     # mask (Philox on the element's flat index), stored once instead of recomputed by every output tile.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    r_ok = rows < ROWS
-    mask = r_ok[:, None] & (offs_p < HW)[None, :]
-    bc = (rows // (F * C)) * C + rows % C
+    r_ok, mask, bc, offs = _row_pixel_tile(ROWS, C, F, HW, BLOCK_R, BLOCK_P)
     center = tl.load(center_ptr + bc, mask=r_ok, other=0.0)
     scale = tl.load(scale_ptr + bc, mask=r_ok, other=0.0)
     shift = tl.load(shift_ptr + bc, mask=r_ok, other=0.0)
-    offs = rows[:, None] * HW + offs_p[None, :]
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     t = (h - center[:, None]) * scale[:, None] + shift[:, None]
     a = t * tl.sigmoid(t)
@@ -588,6 +589,13 @@ def _wgrad_config(c_out: int, c_in: int, b: int, fhw: int) -> _WgradConfig:
     block_n = _pow2_clamp(fhw, 16, 32)
     split = _wgrad_split(c_out, c_in, b, fhw, block_o, block_c, block_n)
     return _WgradConfig(block_o, block_c, block_n, split, 8, 2)
+
+
+def _row_pixel_grid(rows: int, hw: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, BLOCK_R, BLOCK_P) of the elementwise (row, pixel) kernels: _APPLY_BLOCK elements a program."""
+    block_p = _pow2_clamp(hw, 16, 256)
+    block_r = _APPLY_BLOCK // block_p
+    return (triton.cdiv(rows, block_r), triton.cdiv(hw, block_p)), block_r, block_p
 
 
 def _wgrad_split(c_out: int, c_in: int, b: int, fhw: int, block_o: int, block_c: int, block_n: int) -> int:
@@ -718,11 +726,9 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     operand = h
     if cfg.prenorm:
         operand = torch.empty_like(h)
-        block_p = _pow2_clamp(hw, 16, 256)
-        block_r = _APPLY_BLOCK // block_p
-        rows = bf * c_in
-        _norm_act_kernel[(triton.cdiv(rows, block_r), triton.cdiv(hw, block_p))](
-            h, operand, stats.center, stats.scale, stats.shift, rows, c_in, num_frames, hw, seed, dropout_p,
+        grid_e, block_r, block_p = _row_pixel_grid(bf * c_in, hw)
+        _norm_act_kernel[grid_e](
+            h, operand, stats.center, stats.scale, stats.shift, bf * c_in, c_in, num_frames, hw, seed, dropout_p,
             _drop_scale(dropout_p), HAS_DROPOUT=dropout_p > 0, INTERPRETED=_interpreted(h), BLOCK_R=block_r,
             BLOCK_P=block_p, num_warps=4,
         )
@@ -805,12 +811,10 @@ def _stage_dgrad(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, num_fra
         BLOCK_CPG=block_cpg, num_warps=4,
     )
     dh = torch.empty_like(h)
-    block_p = _pow2_clamp(hw, 16, 256)
-    block_r = _APPLY_BLOCK // block_p
-    rows = bf * c_in
-    _gn_bwd_apply_kernel[(triton.cdiv(rows, block_r), triton.cdiv(hw, block_p))](
+    grid_e, block_r, block_p = _row_pixel_grid(bf * c_in, hw)
+    _gn_bwd_apply_kernel[grid_e](
         dn, h, coef[0], coef[1], coef[2], residual_grad if residual_grad is not None else dn, dh,
-        rows, c_in, num_frames, hw,
+        bf * c_in, c_in, num_frames, hw,
         HAS_RESIDUAL=residual_grad is not None, INTERPRETED=_interpreted(h), BLOCK_R=block_r, BLOCK_P=block_p,
         num_warps=4,
     )
@@ -1139,11 +1143,11 @@ def compile_specs() -> list[CompileSpec]:
             add("stage_wgrad", _stage_wgrad_kernel,
                 {"HAS_DROPOUT": True, "DOT_PRECISION": "tf32", "BLOCK_O": wcfg.block_o, "BLOCK_C": wcfg.block_c,
                  "BLOCK_N": wcfg.block_n}, wcfg.num_warps, wcfg.num_stages, True)
-            block_p = _pow2_clamp(hw, 16, 256)
+            _, block_r, block_p = _row_pixel_grid(b * f * c, hw)
             add("gn_bwd_apply", _gn_bwd_apply_kernel,
-                {"HAS_RESIDUAL": True, "BLOCK_R": _APPLY_BLOCK // block_p, "BLOCK_P": block_p}, 4, 3, False)
-            add("norm_act", _norm_act_kernel,
-                {"HAS_DROPOUT": True, "BLOCK_R": _APPLY_BLOCK // block_p, "BLOCK_P": block_p}, 4, 3, False)
+                {"HAS_RESIDUAL": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3, False)
+            add("norm_act", _norm_act_kernel, {"HAS_DROPOUT": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3,
+                False)
     add("stats", _stats_kernel, {"BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3, False)
     add("sum_splits", _sum_splits_kernel, {"BLOCK": 1024}, 4, 3, False)
     return list(specs.values())
