@@ -85,7 +85,9 @@ def _key(spec: CompileSpec, arch: int) -> str:
     import triton
 
     fn = getattr(spec.fn, "fn", spec.fn)
-    src = inspect.getsource(fn)
+    # The whole module's source: a kernel's @triton.jit helpers (_dot, _cast, tile helpers) live beside it,
+    # and a change to one of them must not reuse a cached report.
+    src = inspect.getsource(inspect.getmodule(fn))
     blob = json.dumps([src, spec.signature, {k: repr(v) for k, v in spec.constexprs.items()}, spec.num_warps,
                        spec.num_stages, arch, triton.__version__, sorted(spec.divisible)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
