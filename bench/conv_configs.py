@@ -83,15 +83,10 @@ def _table(kind: str, config: tuple | None) -> Iterator[None]:
     name = {"fwd": "_gemm_config", "dgrad": "_dgrad_config", "wgrad": "_wgrad_config"}[kind]
     original = getattr(tc, name)
     if config is not None:
-        if kind == "wgrad":
-            def table(*args, **kwargs):
-                if not config[3]:
-                    raise ValueError("a wgrad candidate needs its split resolved (_normalise)")
-                return tc._WgradConfig(*config)
-        else:
-            def table(*args, **kwargs):
-                return tc._GemmConfig(*config)
-        setattr(tc, name, table)
+        if kind == "wgrad" and not config[3]:
+            raise ValueError("a wgrad candidate needs its split resolved (_normalise)")
+        make = tc._WgradConfig if kind == "wgrad" else tc._GemmConfig
+        setattr(tc, name, lambda *args, **kwargs: make(*config))
     try:
         yield
     finally:
