@@ -194,6 +194,78 @@ def profile_fields(fn: Callable[[], Any], setup: Callable[[], Any] | None = None
     return {"host_issue_ms": statistics.median(issue[2:]), "top_kernels": entries[:top]}
 
 
+# Layer kinds of a video UNet by class name, ours (model/layers.py) and diffusers' alike.
+LAYER_KINDS = {
+    "TemporalConvLayer": "temporal_conv",
+    "TemporalTransformer": "temporal_attention", "TransformerTemporalModel": "temporal_attention",
+    "ResnetBlock2D": "spatial_resnet",
+    "SpatialTransformer": "spatial_attention", "Transformer2DModel": "spatial_attention",
+    "Downsample2D": "resample", "Upsample2D": "resample",
+}
+
+
+def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
+                kinds: dict[str, str] | None = None) -> dict[str, float]:
+    """Milliseconds per call of `fn` spent inside `model`'s layers of each kind (`LAYER_KINDS` by class
+    name; a layer inside another counted layer counts for the outer one), plus `total` (the whole call) and
+    `other` (total minus the layers: conv_in/out, embeddings, the final norm, and gaps between layers). On
+    CUDA the layers are bracketed by CUDA events on the current stream (asynchronous: the run is not
+    serialised by the measurement), else by wall time. Median over `reps` calls after one warm-up."""
+    kinds = LAYER_KINDS if kinds is None else kinds
+    cuda = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
+    marks: list[tuple[str, Any, Any]] = []
+    depth = [0]
+    open_marks: list[tuple[str, Any] | None] = []
+
+    def stamp() -> Any:
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def pre(module, args):
+        kind = kinds[type(module).__name__]
+        open_marks.append((kind, stamp()) if depth[0] == 0 else None)
+        depth[0] += 1
+
+    def post(module, args, output):
+        depth[0] -= 1
+        opened = open_marks.pop()
+        if opened is not None:
+            marks.append((opened[0], opened[1], stamp()))
+
+    def elapsed(a: Any, b: Any) -> float:
+        return a.elapsed_time(b) if cuda else (b - a) * 1e3
+
+    handles = []
+    for m in model.modules():
+        if type(m).__name__ in kinds:
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    per_call: list[dict[str, float]] = []
+    try:
+        for rep in range(reps + 1):
+            marks.clear()
+            start = stamp()
+            fn()
+            end = stamp()
+            if cuda:
+                torch.cuda.synchronize()
+            if rep == 0:
+                continue  # warm-up: Triton compiles, cuBLAS heuristics, allocator growth
+            times: dict[str, float] = {}
+            for kind, a, b in marks:
+                times[kind] = times.get(kind, 0.0) + elapsed(a, b)
+            times["total"] = elapsed(start, end)
+            times["other"] = times["total"] - sum(v for k, v in times.items() if k != "total")
+            per_call.append(times)
+    finally:
+        for h in handles:
+            h.remove()
+    keys = sorted({k for t in per_call for k in t})
+    return {k: statistics.median(t.get(k, 0.0) for t in per_call) for k in keys}
+
+
 def emit(row: dict) -> dict:
     """Print one finished row at once (`ROW {json}`), so a run stopped part way still leaves what it
     measured in its log; the JSON/CSV files are written at the end."""

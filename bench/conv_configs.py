@@ -4,7 +4,8 @@
 For each `pixeldance` level (CFG batch 2, 16 frames, C 320 / 640 / 1280 at 32x32 / 16x16 / 8x8 / 4x4) and each
 candidate (block_m, block_n, block_k, num_warps, num_stages), one stage runs through the real launcher with
 the table swapped for the candidate:
-  * `fwd`: conv(silu(GroupNorm(h))) + bias, the implicit GEMM with the normalisation in its operand prologue;
+  * `fwd`: conv(silu(GroupNorm(h))) + bias, the implicit GEMM with the normalisation in its operand prologue
+    (or the activation in its own pass: `prenorm`; or that pass with frame padding + cuBLAS: `cublas`);
   * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward);
   * `wgrad`: the conv weight's gradient (split over the columns into partials, then summed).
 Every row carries the candidate's error against the fp32 PyTorch reference (a configuration that computes
@@ -29,7 +30,8 @@ from .common import emit, env_info
 LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # (channels, side) of the pixeldance UNet levels
 VIDEOS, FRAMES, GROUPS = 2, 16, 32
 
-# (block_m, block_n, block_k, num_warps, num_stages[, prenorm]): around the current table, wider row tiles (less
+CUBLAS = (128, 64, 32, 8, 3, False, True)
+# (block_m, block_n, block_k, num_warps, num_stages[, prenorm[, cublas]]): around the current table, wider row tiles (less
 # recompute of the normalised operand: 3 x C_out / block_m times), deeper K chunks, more stages. Only
 # tiles that compile for sm90 without spills in the training variant (dropout, statistics, residual on):
 # checked with the compile check's tools on the CPU; the dgrad epilogue holds several fp32 tiles, so its
@@ -49,6 +51,9 @@ FWD_CANDIDATES = (
     (128, 128, 64, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (256, 64, 64, 8, 3, True),
+    # cublas: the activation padded in its own pass, the conv one cuBLAS batched GEMM over overlapping
+    # frame windows, bias / residual / statistics in an epilogue pass (the tile fields are unused)
+    CUBLAS,
 )
 DGRAD_CANDIDATES = (
     (64, 64, 32, 4, 3),
@@ -69,7 +74,7 @@ WGRAD_CANDIDATES = (
     (128, 64, 32, 0, 8, 2),
     (64, 128, 32, 0, 8, 2),
 )
-QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True)),
+QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True), CUBLAS),
          "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3)),
          "wgrad": ((64, 64, 32, 1, 8, 2), (128, 64, 32, 0, 8, 2))}
 KINDS = ("fwd", "dgrad", "wgrad")
@@ -94,7 +99,7 @@ def _table(kind: str, config: tuple | None) -> Iterator[None]:
 
 
 def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int = VIDEOS) -> tuple:
-    """The table's (block_m, block_n, block_k, num_warps, num_stages, prenorm) for one level; for wgrad
+    """The table's (block_m, block_n, block_k, num_warps, num_stages, prenorm, cublas) for one level; for wgrad
     (block_o, block_c, block_n, split, num_warps, num_stages)."""
     from pdengine.kernels import temporal_conv as tc
 
@@ -105,10 +110,12 @@ def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int
 
 
 def config_name(kind: str, config: tuple) -> str:
-    """"128x64x32 w8 s3" (+ " prenorm"); wgrad "64x64x32 split4 w8 s2"."""
+    """"128x64x32 w8 s3" (+ " prenorm"); "cublas"; wgrad "64x64x32 split4 w8 s2"."""
     if kind == "wgrad":
         o, c, n, split, warps, stages = config
         return f"{o}x{c}x{n} split{split or 'auto'} w{warps} s{stages}"
+    if len(config) > 6 and config[6]:
+        return "cublas"
     m, n, k, warps, stages = config[:5]
     return f"{m}x{n}x{k} w{warps} s{stages}" + (" prenorm" if len(config) > 5 and config[5] else "")
 
@@ -156,10 +163,14 @@ def _runner(kind: str, x, gamma, beta, weight, bias, g, frames: int, groups: int
 
 
 def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple:
-    """A candidate as the launcher will see it: GEMM kinds get prenorm (default False); wgrad's split 0
-    becomes the split the table's rule gives that tile (about one wave of programs)."""
+    """A candidate as the launcher will see it: GEMM kinds get prenorm and cublas (default False; cublas
+    only for fwd); wgrad's split 0 becomes the split the table's rule gives that tile (about one wave of
+    programs)."""
     if kind != "wgrad":
-        return tuple(config[:5]) + (bool(config[5]) if len(config) > 5 else False,)
+        flags = tuple(bool(config[i]) if len(config) > i else False for i in (5, 6))
+        if kind == "dgrad" and flags[1]:
+            raise ValueError("the cuBLAS variant is forward-only")
+        return tuple(config[:5]) + flags
     from pdengine.kernels import temporal_conv as tc
 
     o, cc, n, split, warps, stages = config
@@ -168,7 +179,7 @@ def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple
 
 def _fields(kind: str, config: tuple) -> dict[str, Any]:
     names = (("block_o", "block_c", "block_n", "split", "num_warps", "num_stages") if kind == "wgrad" else
-             ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm"))
+             ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm", "cublas"))
     return dict(zip(names, config))
 
 

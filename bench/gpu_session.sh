@@ -12,7 +12,9 @@
 # configurations, about 4 minutes), then at once, while the machine is warm, STAGES="sample train".
 # Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
 # subset of "tests kernels tune sample train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
-# TRAIN_BATCHES. Every finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by
+# TRAIN_BATCHES. The temporal conv's cuBLAS forward runs beside the fused kernel in every stage (`triton_cublas`
+# kernel rows, `cublas` conv-configs rows, `pdengine_graph_cublas_conv` sample rows), and the sample stage
+# splits one UNet call per layer kind, ours and diffusers' (`sample_breakdown` rows). Every finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by
 # its time limit keeps what it measured.
 set -u
 OUT=${OUT:-/tmp/pdengine-gpu}
@@ -57,7 +59,7 @@ timeout "${T_TUNE:-270}" "${PD[@]}" bench conv-configs --device cuda \
   --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&
-timeout "${T_SAMPLE:-200}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
+timeout "${T_SAMPLE:-260}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 on train && stage bench train && TB=$(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) &&
@@ -74,6 +76,8 @@ grep -h "passed\|failed\|rc=" "$LOG" | tail -20
 grep -h "^ROW " "$LOG" | python3 -c 'import json, sys
 for line in sys.stdin:
     r = json.loads(line[4:]); keys = ("kernel", "bench", "provider", "direction", "shape", "batch", "status", "median_ms",
-        "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers", "kind", "config", "tflops")
+        "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers", "kind", "config", "tflops",
+        "unet_call_ms", "ms_temporal_conv", "ms_temporal_attention", "ms_spatial_resnet", "ms_spatial_attention",
+        "ms_resample", "ms_other")
     print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r))'
 

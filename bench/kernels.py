@@ -2,6 +2,8 @@
 
 Providers (one row each, per shape and direction):
     triton         our kernel (`pdengine.kernels.<family>`)
+    triton_cublas  temporal_conv only: our block with its forward convs on cuBLAS
+                   (`temporal_conv.forward_gemm("cublas")`), the backward as `triton`
     torch_ref      the eager pure-PyTorch reference (`pdengine.kernels.<family>_ref`)
     torch_compile  that reference under `torch.compile` (compile time reported apart, as `compile_s`)
     diffusers      the diffusers layer doing the same job, where one exists
@@ -186,8 +188,8 @@ def _temporal_conv_cases(levels: Iterable[tuple[int, int]], videos: int, frames:
 
         cases.append(Case(
             "temporal_conv", f"B{b}xF{frames} C{channels} {size}x{size}", "layer", DIRECTIONS_WITH_BACKWARD,
-            make, {"triton": _conv_triton, "torch_ref": _conv_ref, "torch_compile": _conv_compile,
-                   "diffusers": _conv_diffusers}, modeled))
+            make, {"triton": _conv_triton, "triton_cublas": _conv_triton_cublas, "torch_ref": _conv_ref,
+                   "torch_compile": _conv_compile, "diffusers": _conv_diffusers}, modeled))
     return cases
 
 
@@ -200,6 +202,20 @@ def _conv_triton(s: dict[str, Any]) -> Workload:
 
     args, kwargs = _conv_args(s)
     return Workload(lambda: temporal_conv_block(*args, **kwargs), s["grad_inputs"])
+
+
+def _conv_triton_cublas(s: dict[str, Any]) -> Workload:
+    """Our block with the forward convs on cuBLAS (padded activation pass + batched GEMM over overlapping
+    frame windows + epilogue pass); backward is the Triton kernels, as for `triton`."""
+    from pdengine.kernels.temporal_conv import forward_gemm, temporal_conv_block
+
+    args, kwargs = _conv_args(s)
+
+    def run() -> torch.Tensor:
+        with forward_gemm("cublas"):
+            return temporal_conv_block(*args, **kwargs)
+
+    return Workload(run, s["grad_inputs"])
 
 
 def _conv_ref(s: dict[str, Any], compile: bool = False) -> Workload:

@@ -15,6 +15,7 @@ from xml.sax.saxutils import escape
 
 PROVIDER_COLORS = {
     "triton": "#1f77b4",
+    "triton_cublas": "#17becf",
     "torch_compile": "#ff7f0e",
     "diffusers": "#2ca02c",
     "torch_ref": "#7f7f7f",

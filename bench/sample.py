@@ -1,9 +1,13 @@
 """`pdengine bench sample`: end-to-end sampling of the `pixeldance` preset, side by side.
 
-On a GPU (one run, same weights, same schedule, bf16): our static sampler with and without a CUDA graph,
-diffusers' `UNet3DConditionModel` in a diffusers-style loop (eager, SDPA), and the same under
+On a GPU (one run, same weights, same schedule, bf16): our static sampler with and without a CUDA graph
+(and with the graph and the temporal convs' forward on cuBLAS, `pdengine_graph_cublas_conv`), diffusers' `UNet3DConditionModel` in a diffusers-style loop (eager, SDPA), and the same under
 `torch.compile(mode="max-autotune")`; seconds per video, videos/s, UNet FLOPs, MFU against the bf16
 matmul peak measured in the same run, peak memory, NVML clocks/power, compile/capture time.
+
+Beside them, per batch, `sample_breakdown` rows: one eager UNet call on the CFG batch split by layer kind
+(temporal conv, temporal attention, spatial ResNet, spatial attention, resampling, other), ours and
+diffusers', from CUDA events around each layer (`bench.common.layer_times`).
 
 On the CPU (no timing, and nothing claimed about speed): proxies counted on `meta` tensors — UNet FLOPs
 per video (torch.utils.flop_counter), aten ops per denoising step (= kernel launches of an eager step;
@@ -143,6 +147,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
 
     from pdengine.engine.graph_sampler import Bucket, StaticSampler
     from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
+    from pdengine.kernels.temporal_conv import forward_gemm
 
     from .common import nvml_index, nvml_snapshot
 
@@ -163,12 +168,15 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
         bucket = Bucket(b, c, FRAMES, LATENT, LATENT, TEXT_LEN, cfg["cross_attention_dim"], dt, steps, "ddim", 0.0, True)
         return StaticSampler(ours, sched, bucket, dev, use_graph=use_graph)
 
-    samplers = {True: static_sampler(True), False: static_sampler(False)}
+    samplers = {(True, "triton"): static_sampler(True), (False, "triton"): static_sampler(False),
+                (True, "cublas"): static_sampler(True)}
 
-    def ours_run(use_graph: bool):
-        with torch.no_grad():
-            return samplers[use_graph].run(x_t, text, uncond, ours.condition_features(c_first),
-                                           ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)
+    def ours_run(use_graph: bool, conv_gemm: str = "triton"):
+        # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured).
+        with torch.no_grad(), forward_gemm(conv_gemm):
+            return samplers[use_graph, conv_gemm].run(x_t, text, uncond, ours.condition_features(c_first),
+                                                      ours.condition_features(c_last), has_last, tau=steps // 2,
+                                                      guidance=7.5)
 
     def diffusers_run(model):
         sched = DiffusersDDIM.from_config(SD_SCHEDULE)
@@ -184,6 +192,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
 
     providers = {
         "pdengine_graph": lambda: ours_run(True),
+        "pdengine_graph_cublas_conv": lambda: ours_run(True, "cublas"),
         "pdengine_eager": lambda: ours_run(False),
         "diffusers_eager": lambda: diffusers_run(ref),
     }
@@ -212,6 +221,37 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **nvml_snapshot(nvml_index(0)),
             })
         except Exception as e:  # a failing provider is an explicit row, never a missing one
+            row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+        rows.append(emit(row))
+    rows += _breakdown_rows(b, ours, ref, x_t, c_first, text, uncond)
+    return rows
+
+
+def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]:  # pragma: no cover
+    """Where one eager UNet call on the CFG batch spends its time, per layer kind, ours and diffusers'
+    (`bench.common.layer_times`): the map of what to speed up next."""
+    from pdengine.kernels.temporal_conv import forward_gemm
+
+    from .common import layer_times
+
+    inp = torch.cat([x_t, c_first], dim=1)
+    inp, ctx = torch.cat([inp, inp]), torch.cat([uncond, text])
+    t = torch.full((2 * b,), 500, device=inp.device)
+    models = {
+        "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "triton"),
+        "pdengine_eager_cublas_conv": (ours, lambda: ours(inp, t, ctx), "cublas"),
+        "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "triton"),
+    }
+    rows = []
+    for name, (model, call, conv_gemm) in models.items():
+        row: dict[str, Any] = {"bench": "sample_breakdown", "provider": name, "device": "cuda", "batch": b,
+                               "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+        try:
+            with torch.no_grad(), forward_gemm(conv_gemm):
+                ms = layer_times(model, call)
+            row.update({"status": "ok", "unet_call_ms": ms.pop("total"),
+                        **{f"ms_{kind}": v for kind, v in ms.items()}})
+        except Exception as e:  # an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
         rows.append(emit(row))
     return rows

@@ -24,6 +24,10 @@ Forward, per stage (one launch of `_stage_fwd_kernel` + one tiny `_gn_finalize_k
   * Variant (`_GemmConfig.prenorm`): `_norm_act_kernel` writes a once (same arithmetic and mask) and the
     conv kernel runs as a plain implicit GEMM on it (`PRENORM`), trading one write + read of the activation
     for the prologue's recompute; `pdengine bench conv-configs` times both on a GPU.
+  * Variant (`set_forward_gemm("cublas")`, env PDENGINE_CONV_GEMM=cublas): `_pad_act_kernel` writes a with a
+    zero frame before and after each video, the conv runs as one cuBLAS batched GEMM over overlapping
+    three-frame windows of it (`_stage_forward_cublas`: no copies), and `_gemm_epilogue_kernel` adds bias
+    and residual and takes the statistics. Forward only: the backward below reads the same saved tensors.
   * Dropout: keep = tl.rand(seed + stage, i) >= p with i the element's flat index in (B*F, C, H*W), so the
     three output frames that read an element, and the backward, regenerate the same mask. `dropout_masks`
     materialises it for tests.
@@ -52,8 +56,10 @@ casts are emulated with fp32 (`_dot`, `_cast`): the interpreter multiplies bf16 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -105,6 +111,26 @@ def _row_stats(v, mask, cnt):
     dev = tl.where(mask, v - mean0[:, None], 0.0)
     corr = tl.sum(dev, axis=1)
     return mean0 + corr / cnt, tl.sum(dev * dev, axis=1) - corr * corr / cnt
+
+
+@triton.jit
+def _store_row_stats(v, mask, n_ok, pmean_ptr, pm2_ptr, part, row_ok):
+    """Store the per-row partial statistics (mean, squared deviations) of the fp32 tile v over its valid
+    columns n_ok, at `part` (the rows' (b, tile, channel) index)."""
+    row_mean, row_m2 = _row_stats(tl.where(mask, v, 0.0), mask, tl.sum(n_ok.to(tl.float32), axis=0))
+    tl.store(pmean_ptr + part, row_mean, mask=row_ok)
+    tl.store(pm2_ptr + part, row_m2, mask=row_ok)
+
+
+@triton.jit
+def _channel_tile(C, F, HW, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (channel, (frame, pixel)) tile of the elementwise-and-statistics kernels, grid (channel blocks,
+    column blocks, videos): channel offsets and mask, column mask, the columns' frame and pixel, the tile mask."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < C
+    n_ok = offs_n < F * HW
+    return offs_c, c_ok, n_ok, offs_n // HW, offs_n % HW, c_ok[:, None] & n_ok[None, :]
 
 
 @triton.jit
@@ -176,11 +202,8 @@ def _stage_fwd_kernel(
     tl.store(y_ptr + out_offs, y, mask=out_mask)
     if HAS_STATS:
         # Statistics of the values as stored (rounded), which is what the next stage normalises.
-        row_mean, row_m2 = _row_stats(tl.where(out_mask, y.to(tl.float32), 0.0), out_mask,
-                                      tl.sum(n_ok.to(tl.float32), axis=0))
-        part = (b * NT + pid_n) * C_out + offs_o
-        tl.store(pmean_ptr + part, row_mean, mask=o_ok)
-        tl.store(pm2_ptr + part, row_m2, mask=o_ok)
+        _store_row_stats(y.to(tl.float32), out_mask, n_ok, pmean_ptr, pm2_ptr, (b * NT + pid_n) * C_out + offs_o,
+                         o_ok)
 
 
 @triton.jit
@@ -191,22 +214,11 @@ def _stats_kernel(
     C, F, HW, NT,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_n = tl.program_id(1)
     b = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c_ok = offs_c < C
-    n_ok = offs_n < F * HW
-    f = offs_n // HW
-    p = offs_n % HW
-    mask = c_ok[:, None] & n_ok[None, :]
+    offs_c, c_ok, n_ok, f, p, mask = _channel_tile(C, F, HW, BLOCK_C, BLOCK_N)
     x = tl.load(x_ptr + offs_c[:, None] * HW + ((b * F + f) * (C * HW) + p)[None, :], mask=mask,
                 other=0.0).to(tl.float32)
-    row_mean, row_m2 = _row_stats(x, mask, tl.sum(n_ok.to(tl.float32), axis=0))
-    part = (b * NT + pid_n) * C + offs_c
-    tl.store(pmean_ptr + part, row_mean, mask=c_ok)
-    tl.store(pm2_ptr + part, row_m2, mask=c_ok)
+    _store_row_stats(x, mask, n_ok, pmean_ptr, pm2_ptr, (b * NT + tl.program_id(1)) * C + offs_c, c_ok)
 
 
 @triton.jit
@@ -518,6 +530,71 @@ def _norm_act_kernel(
 
 
 @triton.jit
+def _pad_act_kernel(
+    h_ptr,  # (B*F, C, HW) stage input
+    a_ptr,  # (B*(F+2), C, HW) out: frames 1..F of each video dropout(silu(GroupNorm(h))), frames 0, F+1 zero
+    center_ptr, scale_ptr, shift_ptr,  # (B, C) fp32, as in _stage_fwd_kernel
+    ROWS, C, F, HW, seed, p_drop, drop_scale,  # ROWS = B*(F+2)*C, the padded rows
+    HAS_DROPOUT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # The cuBLAS forward's operand: the activation with each video's zero frame padding written out, so the
+    # conv over frames becomes one batched GEMM over overlapping three-frame windows (see
+    # _stage_forward_cublas). Same arithmetic and dropout mask (Philox on the element's flat index in the
+    # unpadded layout) as the fused prologue.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    r_ok = rows < ROWS
+    p_ok = offs_p < HW
+    c = rows % C
+    fp = (rows // C) % (F + 2)
+    b = rows // (C * (F + 2))
+    valid = r_ok & (fp >= 1) & (fp <= F)
+    src = ((b * F + tl.where(valid, fp - 1, 0)) * C + c)[:, None] * HW + offs_p[None, :]
+    mask = valid[:, None] & p_ok[None, :]
+    center = tl.load(center_ptr + b * C + c, mask=valid, other=0.0)
+    scale = tl.load(scale_ptr + b * C + c, mask=valid, other=0.0)
+    shift = tl.load(shift_ptr + b * C + c, mask=valid, other=0.0)
+    h = tl.load(h_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    t = (h - center[:, None]) * scale[:, None] + shift[:, None]
+    a = t * tl.sigmoid(t)
+    if HAS_DROPOUT:
+        a = tl.where(tl.rand(seed, src) >= p_drop, a * drop_scale, 0.0)
+    a = tl.where(mask, a, 0.0)
+    tl.store(a_ptr + rows[:, None] * HW + offs_p[None, :], _cast(a, a_ptr.dtype.element_ty, INTERPRETED),
+             mask=r_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _gemm_epilogue_kernel(
+    z_ptr,  # (B*(F+2) - 2, C, HW) the windowed GEMM's output: row b*(F+2) + f is video b's frame f
+    bias_ptr,  # (C,)
+    res_ptr,  # (B*F, C, HW) residual, read when HAS_RESIDUAL
+    y_ptr,  # (B*F, C, HW) out
+    pmean_ptr,  # (B, NT, C) fp32: per-row means of the stored y, written when HAS_STATS
+    pm2_ptr,  # (B, NT, C) fp32: per-row sums of squared deviations from the row mean
+    C, F, HW, NT,
+    HAS_RESIDUAL: tl.constexpr, HAS_STATS: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The fused kernel's epilogue as its own pass: + bias [+ residual], store in the model's layout (the
+    # GEMM's two junk windows per video dropped), and the next GroupNorm's partial statistics of the
+    # stored values.
+    b = tl.program_id(2)
+    offs_c, c_ok, n_ok, f, p, mask = _channel_tile(C, F, HW, BLOCK_C, BLOCK_N)
+    z = tl.load(z_ptr + offs_c[:, None] * HW + ((b * (F + 2) + f) * (C * HW) + p)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    acc = z + tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    offs = offs_c[:, None] * HW + ((b * F + f) * (C * HW) + p)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _cast(acc, y_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(y_ptr + offs, y, mask=mask)
+    if HAS_STATS:
+        _store_row_stats(y.to(tl.float32), mask, n_ok, pmean_ptr, pm2_ptr, (b * NT + tl.program_id(1)) * C + offs_c,
+                         c_ok)
+
+
+@triton.jit
 def _dropout_mask_kernel(
     out_ptr,  # (N,) fp32: 0 or 1/(1-p)
     N, seed, p_drop, drop_scale,
@@ -544,6 +621,10 @@ class _GemmConfig(NamedTuple):
     # of normalising in the GEMM's operand prologue (one more write + read of the activation, against the
     # prologue's recompute: 3 x C_out / block_m times per element). Which wins is a measurement.
     prenorm: bool = False
+    # Forward only: the activation written with each video's zero frame padding (`_pad_act_kernel`), the
+    # conv as one cuBLAS batched GEMM over overlapping three-frame windows, then bias / residual / the next
+    # GroupNorm's statistics in `_gemm_epilogue_kernel` (block_* fields unused). See _stage_forward_cublas.
+    cublas: bool = False
 
 
 class _WgradConfig(NamedTuple):
@@ -569,7 +650,32 @@ def _gemm_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
     wide = 128 if hw >= 256 and block_m <= 64 else 64
     block_n = _pow2_clamp(fhw, 16, wide if hw >= 64 else 32)
     num_warps = 8 if block_m * block_n >= 4096 else 4
-    return _GemmConfig(block_m, block_n, block_k, num_warps, 3)
+    return _GemmConfig(block_m, block_n, block_k, num_warps, 3, cublas=_FORWARD_GEMM == "cublas")
+
+
+FORWARD_GEMMS = ("triton", "cublas")
+_FORWARD_GEMM = "triton"
+
+
+def set_forward_gemm(name: str) -> str:
+    """Which GEMM the forward stages run: "triton" (the fused implicit GEMM, the default) or "cublas" (the
+    activation padded in its own pass, then cuBLAS). Returns the previous choice. The environment variable
+    PDENGINE_CONV_GEMM sets it at import. Backward is the Triton kernels either way."""
+    global _FORWARD_GEMM
+    if name not in FORWARD_GEMMS:
+        raise ValueError(f"forward GEMM must be one of {FORWARD_GEMMS}, got {name!r}")
+    previous, _FORWARD_GEMM = _FORWARD_GEMM, name
+    return previous
+
+
+@contextlib.contextmanager
+def forward_gemm(name: str) -> Iterator[None]:
+    """`set_forward_gemm(name)` for the duration of a with-block."""
+    previous = set_forward_gemm(name)
+    try:
+        yield
+    finally:
+        set_forward_gemm(previous)
 
 
 def _dgrad_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
@@ -647,11 +753,12 @@ def _interpreted(t: torch.Tensor) -> bool:
 
 def _weight3(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(C_out, C_in, 3[, 1, 1]) -> a (C_out, C_in, 3) view, in the activations' dtype, of memory laid out
-    tap-major (3, C_out, C_in): channels contiguous, so the GEMM kernels load weight tiles as 16-byte
-    vectors into their software pipeline. (With the parameter's own layout the channel stride is 3
-    elements: the sm90 SASS of the inference forward at 1280 channels, 8x8, then loads both operands with
-    scalar 2-byte loads outside the pipeline, 157 registers; packed, both are asynchronous 16-byte copies,
-    64 registers. The copy costs one pass over the weight, 3 C_out C_in elements, per call.)"""
+    (C_out, 3, C_in): channels contiguous, so the GEMM kernels load weight tiles as 16-byte vectors into
+    their software pipeline, and each output channel's row is the (tap, channel) reduction axis of the
+    cuBLAS forward (`_conv_matrix`). (With the parameter's own layout the channel stride is 3 elements: the
+    sm90 SASS of the inference forward at 1280 channels, 8x8, then loads both operands with scalar 2-byte
+    loads outside the pipeline, 157 registers; packed, both are asynchronous 16-byte copies, 64 registers.
+    The copy costs one pass over the weight, 3 C_out C_in elements, per call.)"""
     if weight.dim() == 5:
         if weight.shape[2:] != (3, 1, 1):
             raise ValueError(f"temporal conv weight must be (C_out, C_in, 3, 1, 1), got {tuple(weight.shape)}")
@@ -659,7 +766,15 @@ def _weight3(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     elif weight.dim() != 3 or weight.shape[2] != 3:
         raise ValueError(f"temporal conv weight must be (C_out, C_in, 3) or (C_out, C_in, 3, 1, 1), "
                          f"got {tuple(weight.shape)}")
-    return weight.to(dtype).permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    return weight.to(dtype).permute(0, 2, 1).contiguous().permute(0, 2, 1)
+
+
+def _conv_matrix(weight3: torch.Tensor) -> torch.Tensor:
+    """The `_weight3` layout as the (C_out, 3 * C_in) matrix W[o, k * C_in + c] = w[o, c, k] (a view)."""
+    c_out, c_in, _ = weight3.shape
+    if weight3.stride() != (3 * c_in, 1, c_in):
+        raise ValueError("the weight must come packed by _weight3")
+    return weight3.permute(0, 2, 1).reshape(c_out, 3 * c_in)
 
 
 def _drop_scale(p: float) -> float:
@@ -720,6 +835,9 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
         pm2 = torch.empty_like(pmean)
     else:
         pmean = pm2 = stats.scale  # never written (HAS_STATS=False); any fp32 pointer
+    if cfg.cublas:
+        return _stage_forward_cublas(h, num_frames, weight, bias, stats, residual=residual, next_norm=next_norm,
+                                     groups=groups, eps=eps, dropout_p=dropout_p, seed=seed, out=y)
     grid = (triton.cdiv(c_out, cfg.block_m), nt, b)
     if weight.stride(1) != 1:
         raise ValueError("the weight must come packed by _weight3 (channels contiguous)")
@@ -744,6 +862,49 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     if next_norm is None:
         return y, None
     return y, _gn_finalize(pmean, pm2, cfg.block_n, fhw, next_norm[0], next_norm[1], groups, eps)
+
+
+def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias: torch.Tensor,
+                          stats: GroupNormStats, *, residual: torch.Tensor | None, next_norm: tuple | None,
+                          groups: int, eps: float, dropout_p: float, seed: int,
+                          out: torch.Tensor) -> tuple[torch.Tensor, GroupNormStats | None]:
+    """`_stage_forward` with the conv on cuBLAS. With the activation stored as (B*(F+2), C_in, HW), each
+    video's frames between zero frames, output frame f of video b reads padded frames j..j+2 for
+    j = b*(F+2) + f, and those three frames are one contiguous (3*C_in, HW) block: window j is the matrix at
+    offset j*C_in*HW, and consecutive windows overlap by two frames. So the conv is one strided batched GEMM,
+    out[j] = W (C_out, 3*C_in) @ window[j], over j = 0 .. B*(F+2) - 3, with no copy of the windows; the two
+    windows per video that straddle a video boundary (j = b*(F+2) + F, + F + 1) compute junk that the
+    epilogue pass skips (2 / (F+2) of the FLOPs: 11% at 16 frames). Passes: activation (read h, write a
+    padded), GEMM (read a, write z), epilogue (read z [+ residual], write y, statistics)."""
+    bf, c_in, hh, ww = h.shape
+    c_out = weight.shape[0]
+    b, hw = bf // num_frames, hh * ww
+    fp = num_frames + 2
+    a = torch.empty(b * fp, c_in, hh, ww, device=h.device, dtype=h.dtype)
+    grid_e, block_r, block_p = _row_pixel_grid(b * fp * c_in, hw)
+    _pad_act_kernel[grid_e](
+        h, a, stats.center, stats.scale, stats.shift, b * fp * c_in, c_in, num_frames, hw, seed, dropout_p,
+        _drop_scale(dropout_p), HAS_DROPOUT=dropout_p > 0, INTERPRETED=_interpreted(h), BLOCK_R=block_r,
+        BLOCK_P=block_p, num_warps=4,
+    )
+    n_windows = b * fp - 2
+    windows = a.as_strided((n_windows, 3 * c_in, hw), (c_in * hw, hw, 1))
+    matrix = _conv_matrix(weight)
+    z = torch.bmm(matrix.expand(n_windows, c_out, 3 * c_in), windows)
+    nt = triton.cdiv(num_frames * hw, _STATS_BLOCK_N)
+    if next_norm is not None:
+        pmean = torch.empty(b, nt, c_out, device=h.device, dtype=torch.float32)
+        pm2 = torch.empty_like(pmean)
+    else:
+        pmean = pm2 = stats.scale  # never written (HAS_STATS=False); any fp32 pointer
+    _gemm_epilogue_kernel[(triton.cdiv(c_out, _STATS_BLOCK_C), nt, b)](
+        z, bias, residual if residual is not None else out, out, pmean, pm2, c_out, num_frames, hw, nt,
+        HAS_RESIDUAL=residual is not None, HAS_STATS=next_norm is not None, INTERPRETED=_interpreted(h),
+        BLOCK_C=_STATS_BLOCK_C, BLOCK_N=_STATS_BLOCK_N, num_warps=4,
+    )
+    if next_norm is None:
+        return out, None
+    return out, _gn_finalize(pmean, pm2, _STATS_BLOCK_N, num_frames * hw, next_norm[0], next_norm[1], groups, eps)
 
 
 def _stage_wgrad(g: torch.Tensor, h: torch.Tensor, num_frames: int, stats: GroupNormStats,
@@ -1148,6 +1309,17 @@ def compile_specs() -> list[CompileSpec]:
                 {"HAS_RESIDUAL": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3, False)
             add("norm_act", _norm_act_kernel, {"HAS_DROPOUT": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3,
                 False)
+            # The cuBLAS forward's two passes (set_forward_gemm("cublas")).
+            _, block_r, block_p = _row_pixel_grid(b * (f + 2) * c, hw)
+            add("pad_act", _pad_act_kernel, {"HAS_DROPOUT": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3,
+                False)
+    for stats, res in ((True, False), (False, True)):
+        add("gemm_epilogue", _gemm_epilogue_kernel,
+            {"HAS_RESIDUAL": res, "HAS_STATS": stats, "BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3,
+            False)
     add("stats", _stats_kernel, {"BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3, False)
     add("sum_splits", _sum_splits_kernel, {"BLOCK": 1024}, 4, 3, False)
     return list(specs.values())
+
+
+set_forward_gemm(os.environ.get("PDENGINE_CONV_GEMM", "triton"))

@@ -61,3 +61,50 @@ def test_bench_cuda_without_a_gpu_is_a_clear_error():
         res = CliRunner().invoke(main, ["bench", bench, "--device", "cuda", "--batch", "1"])
         assert res.exit_code != 0
         assert "torch sees no CUDA device" in str(res.exception), (bench, res.exception)
+
+
+def test_layer_times_split_a_unet_call_by_layer_kind():
+    """Every kind of layer is found (ours and diffusers' by class name), the kinds and `other` add up to the
+    whole call, and a layer inside a counted layer counts only for the outer one."""
+    from diffusers import UNet3DConditionModel
+
+    from pdengine.bench.common import layer_times
+    from pdengine.model import UNet3D
+
+    cfg = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+               up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8, attention_head_dim=8,
+               cross_attention_dim=16, in_channels=8, out_channels=4)
+    x, ctx = torch.randn(1, 8, 3, 8, 8), torch.randn(1, 5, 16)
+    kinds = {"temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention", "resample"}
+    for model, call in ((ours := UNet3D(cfg).eval(), lambda: ours(x, 10, ctx)),
+                        (ref := UNet3DConditionModel(**cfg).eval(), lambda: ref(x, 10, encoder_hidden_states=ctx))):
+        with torch.no_grad():
+            ms = layer_times(model, call, reps=2)
+        assert set(ms) == kinds | {"total", "other"}
+        assert all(ms[k] > 0 for k in kinds)
+        assert sum(ms[k] for k in kinds | {"other"}) == pytest.approx(ms["total"])
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_layer_times_count_a_nested_layer_for_the_outer_one():
+    import time
+
+    from pdengine.bench.common import layer_times
+
+    class Inner(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = Inner()
+
+        def forward(self, x):
+            return self.inner(self.inner(x))
+
+    model = torch.nn.Sequential(Outer(), Inner())
+    ms = layer_times(model, lambda: model(torch.zeros(1)), reps=1, kinds={"Outer": "outer", "Inner": "inner"})
+    assert ms["outer"] >= 40 and 20 <= ms["inner"] < 0.75 * ms["outer"]  # the outer layer's inner calls are its own
+    assert ms["total"] >= ms["outer"] + ms["inner"]

@@ -280,6 +280,74 @@ def test_prenorm_variant_backward_matches_reference(monkeypatch):
     _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
 
 
+# ------------------------------------------------------------------------------------- cuBLAS forward variant
+
+
+@pytest.fixture
+def cublas_forward():
+    previous = tc.set_forward_gemm("cublas")
+    yield
+    tc.set_forward_gemm(previous)
+
+
+@pytest.mark.parametrize("b,f,c,g", [(2, 3, 6, 2), (1, 2, 6, 3), (3, 5, 4, 2)])
+def test_cublas_forward_equals_the_fused_kernel(b, f, c, g):
+    """Padded activation + batched GEMM over overlapping frame windows + epilogue pass: the same block as
+    the fused kernel and the reference (with dropout: the same masks), including the windows that straddle
+    two videos (b > 1) and the shortest clip (F = 2)."""
+    x, norms, convs = make_inputs(b, f, c, seed=13)
+    fused = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
+    fused_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
+    previous = tc.set_forward_gemm("cublas")
+    try:
+        assert tc._gemm_config(c, c, H * W, f * H * W).cublas
+        out = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
+        out_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
+    finally:
+        tc.set_forward_gemm(previous)
+    masks = tc.dropout_masks(x.shape, seed=7, dropout_p=0.3)
+    assert_close(out, temporal_conv_block_ref(x, f, norms, convs, groups=g, dropout_masks=masks), torch.float32,
+                 "cublas forward with dropout")
+    assert_close(out, fused, torch.float32, "cublas vs fused")
+    assert_close(out_eval, temporal_conv_block_ref(x, f, norms, convs, groups=g), torch.float32, "cublas eval")
+    assert_close(out_eval, fused_eval, torch.float32, "cublas vs fused, eval")
+
+
+def test_cublas_forward_stage_with_other_channel_counts(cublas_forward):
+    x, norms, convs = make_inputs(2, 3, 6, seed=14)
+    weight = torch.randn(10, 6, 3) / 4
+    bias = torch.randn(10)
+    res = torch.randn(6, 10, H, W)
+    out = tc.temporal_conv_stage(x, 3, norms[0], (weight, bias), groups=2, residual=res)
+    ref = temporal_conv1d_ref(torch.nn.functional.silu(video_group_norm_ref(x, 3, *norms[0], 2, 1e-5)), 3, weight,
+                              bias) + res
+    assert_close(out, ref, torch.float32, "cublas stage 6 -> 10 channels")
+
+
+def test_cublas_forward_backward_matches_reference(cublas_forward):
+    # The forward saves what the Triton backward reads (stage inputs in the model's layout, statistics).
+    _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
+
+
+def test_cublas_forward_bf16(cublas_forward):
+    b, f, c, g = 2, 3, 8, 2
+    x, norms, convs = make_inputs(b, f, c, seed=15)
+    ref = temporal_conv_block_ref(x, f, norms, convs, groups=g)
+    xb, nb, cb = make_inputs(b, f, c, seed=15, dtype=torch.bfloat16)
+    out = tc.temporal_conv_block(xb, f, nb, cb, groups=g)
+    assert out.dtype == torch.bfloat16
+    assert_low_precision_close(out, ref, temporal_conv_block_ref(xb, f, nb, cb, groups=g), "cublas bf16")
+
+
+def test_set_forward_gemm_rejects_unknown_names():
+    with pytest.raises(ValueError, match="forward GEMM"):
+        tc.set_forward_gemm("cudnn")
+    env = {**os.environ, "PDENGINE_CONV_GEMM": "nope"}
+    run = subprocess.run([sys.executable, "-c", "import pdengine.kernels.temporal_conv"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and "forward GEMM" in run.stderr
+
+
 def test_dropout_seed_none_uses_torch_generator():
     b, f, c, g = 1, 2, 6, 2
     x, norms, convs = make_inputs(b, f, c, seed=11)
@@ -375,6 +443,8 @@ def test_compile_specs_are_distinct_and_cover_the_gemms():
     assert len(set(keys)) == len(keys), "compile_specs lists a configuration twice"
     mma = {s.name.split("[")[0] for s in specs if s.expects_mma}
     assert mma == {"stage_fwd", "stage_fwd_prenorm", "stage_dgrad", "stage_wgrad"}
+    names = {s.name.split("[")[0] for s in specs}
+    assert {"pad_act", "gemm_epilogue"} <= names
 
 
 def test_compile_specs_carry_the_launchers_divisibility_specialization():
