@@ -5,9 +5,11 @@ For each `pixeldance` level (CFG batch 2, 16 frames, C 320 / 640 / 1280 at 32x32
 candidate (block_m, block_n, block_k, num_warps, num_stages), one stage runs through the real launcher with
 the table swapped for the candidate:
   * `fwd`: conv(silu(GroupNorm(h))) + bias, the implicit GEMM with the normalisation in its operand prologue
-    (or the activation in its own pass: `prenorm`; or that pass with frame padding + cuBLAS: `cublas`);
+    (or the activation in its own pass: `prenorm`);
   * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward);
   * `wgrad`: the conv weight's gradient (split over the columns into partials, then summed).
+Each kind also has the `cublas` candidate: the same stage through `temporal_conv.conv_gemm("cublas")` (the
+activation or gradient written with frame padding in its own pass, the GEMMs on cuBLAS).
 Every row carries the candidate's error against the fp32 PyTorch reference (a configuration that computes
 something else is reported as such, never timed as a winner), and on a GPU its median time and TFLOP/s
 (2 C_out C_in 3 B F H W per stage). The table's own choice is marked `default`. On the CPU (Triton
@@ -30,8 +32,8 @@ from .common import emit, env_info
 LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # (channels, side) of the pixeldance UNet levels
 VIDEOS, FRAMES, GROUPS = 2, 16, 32
 
-CUBLAS = (128, 64, 32, 8, 3, False, True)
-# (block_m, block_n, block_k, num_warps, num_stages[, prenorm[, cublas]]): around the current table, wider row tiles (less
+CUBLAS = ("cublas",)  # the cuBLAS variant of a kind (no launch table)
+# (block_m, block_n, block_k, num_warps, num_stages[, prenorm]): around the current table, wider row tiles (less
 # recompute of the normalised operand: 3 x C_out / block_m times), deeper K chunks, more stages. Only
 # tiles that compile for sm90 without spills in the training variant (dropout, statistics, residual on):
 # checked with the compile check's tools on the CPU; the dgrad epilogue holds several fp32 tiles, so its
@@ -51,8 +53,6 @@ FWD_CANDIDATES = (
     (128, 128, 64, 8, 3, True),
     (128, 128, 64, 8, 4, True),
     (256, 64, 64, 8, 3, True),
-    # cublas: the activation padded in its own pass, the conv one cuBLAS batched GEMM over overlapping
-    # frame windows, bias / residual / statistics in an epilogue pass (the tile fields are unused)
     CUBLAS,
 )
 DGRAD_CANDIDATES = (
@@ -62,6 +62,7 @@ DGRAD_CANDIDATES = (
     (128, 64, 32, 8, 3),
     (128, 64, 64, 8, 3),
     (128, 64, 32, 8, 4),
+    CUBLAS,
 )
 # Weight gradient: (block_o, block_c, block_n, split, num_warps, num_stages); split = 0 keeps the table's
 # split for that tile (about one wave of programs). 128 x 128 tiles spill (three fp32 accumulators).
@@ -73,49 +74,62 @@ WGRAD_CANDIDATES = (
     (64, 64, 32, 0, 8, 3),
     (128, 64, 32, 0, 8, 2),
     (64, 128, 32, 0, 8, 2),
+    CUBLAS,
 )
 QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True), CUBLAS),
-         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3)),
-         "wgrad": ((64, 64, 32, 1, 8, 2), (128, 64, 32, 0, 8, 2))}
+         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3), CUBLAS),
+         "wgrad": ((64, 64, 32, 1, 8, 2), (128, 64, 32, 0, 8, 2), CUBLAS)}
 KINDS = ("fwd", "dgrad", "wgrad")
 
 
 @contextlib.contextmanager
 def _table(kind: str, config: tuple | None) -> Iterator[None]:
-    """Swap the kernel module's launch table for one candidate (None: leave the table as it is)."""
+    """Run one candidate: None leaves everything as it is; `CUBLAS` puts the kind's direction on cuBLAS;
+    any other candidate puts it on the Triton kernels with the launch table swapped for that candidate."""
     from pdengine.kernels import temporal_conv as tc
 
+    if config is None:
+        yield
+        return
+    direction = "forward" if kind == "fwd" else "backward"
+    if config == CUBLAS:
+        with tc.conv_gemm("cublas", direction):
+            yield
+        return
+    if kind == "wgrad" and not config[3]:
+        raise ValueError("a wgrad candidate needs its split resolved (_normalise)")
     name = {"fwd": "_gemm_config", "dgrad": "_dgrad_config", "wgrad": "_wgrad_config"}[kind]
     original = getattr(tc, name)
-    if config is not None:
-        if kind == "wgrad" and not config[3]:
-            raise ValueError("a wgrad candidate needs its split resolved (_normalise)")
-        make = tc._WgradConfig if kind == "wgrad" else tc._GemmConfig
-        setattr(tc, name, lambda *args, **kwargs: make(*config))
+    make = tc._WgradConfig if kind == "wgrad" else tc._GemmConfig
+    setattr(tc, name, lambda *args, **kwargs: make(*config))
     try:
-        yield
+        with tc.conv_gemm("triton", direction):
+            yield
     finally:
         setattr(tc, name, original)
 
 
 def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int = VIDEOS) -> tuple:
-    """The table's (block_m, block_n, block_k, num_warps, num_stages, prenorm, cublas) for one level; for wgrad
-    (block_o, block_c, block_n, split, num_warps, num_stages)."""
+    """What a stage of this kind runs by default at one level: `CUBLAS` when its direction is set to cuBLAS
+    (`temporal_conv.set_conv_gemm`), else the table's (block_m, block_n, block_k, num_warps, num_stages,
+    prenorm); for wgrad (block_o, block_c, block_n, split, num_warps, num_stages)."""
     from pdengine.kernels import temporal_conv as tc
 
+    if tc._CONV_GEMM["forward" if kind == "fwd" else "backward"] == "cublas":
+        return CUBLAS
     if kind == "wgrad":
         return tuple(tc._wgrad_config(c, c, videos, frames * hw))
     fn = tc._gemm_config if kind == "fwd" else tc._dgrad_config
-    return tuple(fn(c, c, hw, frames * hw))
+    return tuple(fn(c, c, hw, frames * hw))[:6]
 
 
 def config_name(kind: str, config: tuple) -> str:
-    """"128x64x32 w8 s3" (+ " prenorm"); "cublas"; wgrad "64x64x32 split4 w8 s2"."""
+    """"128x64x32 w8 s3" (+ " prenorm"); wgrad "64x64x32 split4 w8 s2"; "cublas"."""
+    if config == CUBLAS:
+        return "cublas"
     if kind == "wgrad":
         o, c, n, split, warps, stages = config
         return f"{o}x{c}x{n} split{split or 'auto'} w{warps} s{stages}"
-    if len(config) > 6 and config[6]:
-        return "cublas"
     m, n, k, warps, stages = config[:5]
     return f"{m}x{n}x{k} w{warps} s{stages}" + (" prenorm" if len(config) > 5 and config[5] else "")
 
@@ -156,21 +170,23 @@ def _runner(kind: str, x, gamma, beta, weight, bias, g, frames: int, groups: int
     if kind == "fwd":
         return lambda: tc.temporal_conv_stage(x, frames, (gamma, beta), (weight, bias), groups=groups, eps=eps)
     stats = tc.input_stats(x, frames, gamma, beta, groups, eps)
+    w3 = tc._weight3(weight, x.dtype)
+    if tc._CONV_GEMM["backward"] == "cublas":
+        wgrad = kind == "wgrad"
+        return lambda: tc._stage_backward_cublas(g, w3, x, frames, stats, gamma, beta, groups, 0.0, 0, None, weight,
+                                                 bias, wgrad, not wgrad)[3 if wgrad else 0]
     if kind == "wgrad":
         return lambda: tc._stage_wgrad(g, x, frames, stats, weight, bias, 0.0, 0)[0]
-    w3 = tc._weight3(weight, x.dtype)
     return lambda: tc._stage_dgrad(g, w3, x, frames, stats, gamma, beta, groups, 0.0, 0, None)[0]
 
 
 def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple:
-    """A candidate as the launcher will see it: GEMM kinds get prenorm and cublas (default False; cublas
-    only for fwd); wgrad's split 0 becomes the split the table's rule gives that tile (about one wave of
-    programs)."""
+    """A candidate as the launcher will see it: GEMM kinds get prenorm (default False); wgrad's split 0
+    becomes the split the table's rule gives that tile (about one wave of programs)."""
+    if config == CUBLAS:
+        return CUBLAS
     if kind != "wgrad":
-        flags = tuple(bool(config[i]) if len(config) > i else False for i in (5, 6))
-        if kind == "dgrad" and flags[1]:
-            raise ValueError("the cuBLAS variant is forward-only")
-        return tuple(config[:5]) + flags
+        return tuple(config[:5]) + (bool(config[5]) if len(config) > 5 else False,)
     from pdengine.kernels import temporal_conv as tc
 
     o, cc, n, split, warps, stages = config
@@ -178,8 +194,10 @@ def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple
 
 
 def _fields(kind: str, config: tuple) -> dict[str, Any]:
+    if config == CUBLAS:
+        return {"cublas": True}
     names = (("block_o", "block_c", "block_n", "split", "num_warps", "num_stages") if kind == "wgrad" else
-             ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm", "cublas"))
+             ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm"))
     return dict(zip(names, config))
 
 

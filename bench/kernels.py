@@ -3,7 +3,7 @@
 Providers (one row each, per shape and direction):
     triton         our kernel (`pdengine.kernels.<family>`)
     triton_cublas  temporal_conv only: our block with its forward convs on cuBLAS
-                   (`temporal_conv.forward_gemm("cublas")`), the backward as `triton`
+                   (`temporal_conv.conv_gemm("cublas", "forward")`), the backward as `triton`
     torch_ref      the eager pure-PyTorch reference (`pdengine.kernels.<family>_ref`)
     torch_compile  that reference under `torch.compile` (compile time reported apart, as `compile_s`)
     diffusers      the diffusers layer doing the same job, where one exists
@@ -207,12 +207,12 @@ def _conv_triton(s: dict[str, Any]) -> Workload:
 def _conv_triton_cublas(s: dict[str, Any]) -> Workload:
     """Our block with the forward convs on cuBLAS (padded activation pass + batched GEMM over overlapping
     frame windows + epilogue pass); backward is the Triton kernels, as for `triton`."""
-    from pdengine.kernels.temporal_conv import forward_gemm, temporal_conv_block
+    from pdengine.kernels.temporal_conv import conv_gemm, temporal_conv_block
 
     args, kwargs = _conv_args(s)
 
     def run() -> torch.Tensor:
-        with forward_gemm("cublas"):
+        with conv_gemm("cublas", "forward"):
             return temporal_conv_block(*args, **kwargs)
 
     return Workload(run, s["grad_inputs"])

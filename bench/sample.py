@@ -147,7 +147,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
 
     from pdengine.engine.graph_sampler import Bucket, StaticSampler
     from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
-    from pdengine.kernels.temporal_conv import forward_gemm
+    from pdengine.kernels.temporal_conv import conv_gemm
 
     from .common import nvml_index, nvml_snapshot
 
@@ -171,12 +171,12 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
     samplers = {(True, "triton"): static_sampler(True), (False, "triton"): static_sampler(False),
                 (True, "cublas"): static_sampler(True)}
 
-    def ours_run(use_graph: bool, conv_gemm: str = "triton"):
+    def ours_run(use_graph: bool, gemm: str = "triton"):
         # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured).
-        with torch.no_grad(), forward_gemm(conv_gemm):
-            return samplers[use_graph, conv_gemm].run(x_t, text, uncond, ours.condition_features(c_first),
-                                                      ours.condition_features(c_last), has_last, tau=steps // 2,
-                                                      guidance=7.5)
+        with torch.no_grad(), conv_gemm(gemm, "forward"):
+            return samplers[use_graph, gemm].run(x_t, text, uncond, ours.condition_features(c_first),
+                                                 ours.condition_features(c_last), has_last, tau=steps // 2,
+                                                 guidance=7.5)
 
     def diffusers_run(model):
         sched = DiffusersDDIM.from_config(SD_SCHEDULE)
@@ -230,7 +230,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
 def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]:  # pragma: no cover
     """Where one eager UNet call on the CFG batch spends its time, per layer kind, ours and diffusers'
     (`bench.common.layer_times`): the map of what to speed up next."""
-    from pdengine.kernels.temporal_conv import forward_gemm
+    from pdengine.kernels.temporal_conv import conv_gemm
 
     from .common import layer_times
 
@@ -243,11 +243,11 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
         "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "triton"),
     }
     rows = []
-    for name, (model, call, conv_gemm) in models.items():
+    for name, (model, call, gemm) in models.items():
         row: dict[str, Any] = {"bench": "sample_breakdown", "provider": name, "device": "cuda", "batch": b,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
         try:
-            with torch.no_grad(), forward_gemm(conv_gemm):
+            with torch.no_grad(), conv_gemm(gemm, "forward"):
                 ms = layer_times(model, call)
             row.update({"status": "ok", "unet_call_ms": ms.pop("total"),
                         **{f"ms_{kind}": v for kind, v in ms.items()}})

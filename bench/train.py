@@ -1,7 +1,7 @@
 """`pdengine bench train`: our trainer's step against a reference diffusers training loop.
 
 On a GPU (one run, same batch): our UNet3D (Triton backend, activation checkpointing policy, fused AdamW,
-bf16 autocast with fp32 master weights) vs diffusers' `UNet3DConditionModel` + `torch.optim.AdamW`
+bf16 autocast with fp32 master weights; also with the temporal convs' GEMMs on cuBLAS) vs diffusers' `UNet3DConditionModel` + `torch.optim.AdamW`
 (bf16 autocast, fp32 master weights); peak memory per sample and samples/s.
 
 On the CPU (no timing, no memory claim): saved-activation bytes per sample of one training forward,
@@ -98,17 +98,20 @@ def _cpu_rows(preset: str) -> list[dict[str, Any]]:
 
 def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma: no cover - GPU
     from pdengine.engine.schedulers import default_scheduler
+    from pdengine.kernels.temporal_conv import conv_gemm
     from pdengine.model import preset_config
 
     cfg = preset_config(preset)
     abar = default_scheduler("ddpm").alphas_cumprod.to("cuda")
     rows = []
     for b in batches:
-        for provider in ("pdengine", "diffusers_reference"):
+        for provider in ("pdengine", "pdengine_cublas_conv", "diffusers_reference"):
             row: dict[str, Any] = {"bench": "train", "device": "cuda", "preset": preset, "provider": provider,
                                    "batch": b, "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
             try:
-                row.update(_gpu_measure(provider, b, cfg, abar, steps))
+                # pdengine_cublas_conv: the temporal convs' GEMMs (forward and backward) on cuBLAS.
+                with conv_gemm("cublas" if provider == "pdengine_cublas_conv" else "triton"):
+                    row.update(_gpu_measure(provider, b, cfg, abar, steps))
             except Exception as e:  # a failing provider is an explicit row (OOM included)
                 row["status"] = f"error: {type(e).__name__}: {e}"[:500]
             torch.cuda.empty_cache()
@@ -129,7 +132,7 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    ours = provider == "pdengine"
+    ours = provider.startswith("pdengine")
     # Both models are initialised on the GPU: a 1.4B-parameter CPU init costs tens of seconds of lease.
     if ours:
         with torch.device(dev):

@@ -24,10 +24,12 @@ Forward, per stage (one launch of `_stage_fwd_kernel` + one tiny `_gn_finalize_k
   * Variant (`_GemmConfig.prenorm`): `_norm_act_kernel` writes a once (same arithmetic and mask) and the
     conv kernel runs as a plain implicit GEMM on it (`PRENORM`), trading one write + read of the activation
     for the prologue's recompute; `pdengine bench conv-configs` times both on a GPU.
-  * Variant (`set_forward_gemm("cublas")`, env PDENGINE_CONV_GEMM=cublas): `_pad_act_kernel` writes a with a
-    zero frame before and after each video, the conv runs as one cuBLAS batched GEMM over overlapping
-    three-frame windows of it (`_stage_forward_cublas`: no copies), and `_gemm_epilogue_kernel` adds bias
-    and residual and takes the statistics. Forward only: the backward below reads the same saved tensors.
+  * Variant (`set_conv_gemm("cublas")`, env PDENGINE_CONV_GEMM=cublas): `_pad_kernel` writes a with a zero
+    frame before and after each video, the conv runs as one cuBLAS batched GEMM over overlapping
+    three-frame windows of it (`_window_gemm`: no copies), and `_gemm_epilogue_kernel` adds bias and
+    residual and takes the statistics. Its backward (`_stage_backward_cublas`) pads g the same way for the
+    transposed conv, and the weight gradient is three plain GEMMs of channel-major padded g and a; the
+    dgrad epilogue runs as `_act_bwd_kernel`. Either direction can use either GEMM (same saved tensors).
   * Dropout: keep = tl.rand(seed + stage, i) >= p with i the element's flat index in (B*F, C, H*W), so the
     three output frames that read an element, and the backward, regenerate the same mask. `dropout_masks`
     materialises it for tests.
@@ -400,9 +402,19 @@ def _stage_dgrad_kernel(
                      mask=c_ok[:, None] & o_ok[None, :], other=0.0)
         acc = _dot(wt, g, acc, DOT_PRECISION, INTERPRETED)
 
-    # Epilogue: dropout and SiLU backward on the recomputed pre-activation t = xhat * gamma + beta.
     offs = offs_c[:, None] * HW + ((b * F + f) * (C_in * HW) + p)[None, :]
-    mask = c_ok[:, None] & n_ok[None, :]
+    _act_backward(acc, h_ptr, offs, c_ok[:, None] & n_ok[None, :], b, offs_c, c_ok, C_in, CPG, G, rstd_ptr,
+                  center_ptr, scale_ptr, shift_ptr, dn_ptr, ps1_ptr, ps2_ptr, (b * NT + pid_n) * C_in + offs_c, seed,
+                  p_drop, drop_scale, HAS_DROPOUT, INTERPRETED)
+
+
+@triton.jit
+def _act_backward(da, h_ptr, offs, mask, b, offs_c, c_ok, C_in, CPG, G, rstd_ptr, center_ptr, scale_ptr, shift_ptr,
+                  dn_ptr, ps1_ptr, ps2_ptr, part, seed, p_drop, drop_scale,
+                  HAS_DROPOUT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """From da = dLoss/d(activation) (an fp32 tile at `offs` of the stage input h): dropout and SiLU backward
+    on the recomputed pre-activation t = xhat * gamma + beta; stores dn = dLoss/dt and the per-row partial
+    sums of dn and dn * xhat (at `part`) that the GroupNorm backward reduces."""
     h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + b * G + offs_c // CPG, mask=c_ok, other=0.0)
     center = tl.load(center_ptr + b * C_in + offs_c, mask=c_ok, other=0.0)
@@ -411,7 +423,6 @@ def _stage_dgrad_kernel(
     hc = h - center[:, None]
     t = hc * scale[:, None] + shift[:, None]
     sig = tl.sigmoid(t)
-    da = acc
     if HAS_DROPOUT:
         da = tl.where(tl.rand(seed, offs) >= p_drop, da * drop_scale, 0.0)
     dn = _cast(da * sig * (1.0 + t * (1.0 - sig)), dn_ptr.dtype.element_ty, INTERPRETED)
@@ -419,9 +430,29 @@ def _stage_dgrad_kernel(
     # Partial sums of what the apply kernel will read back (the stored, possibly rounded dn).
     dnf = tl.where(mask, dn.to(tl.float32), 0.0)
     xhat = hc * rstd[:, None]
-    part = (b * NT + pid_n) * C_in + offs_c
     tl.store(ps1_ptr + part, tl.sum(dnf, axis=1), mask=c_ok)
     tl.store(ps2_ptr + part, tl.sum(dnf * xhat, axis=1), mask=c_ok)
+
+
+@triton.jit
+def _act_bwd_kernel(
+    da_ptr,  # (B*(F+2) - 2, C_in, HW) the windowed transposed-conv GEMM's output: row b*(F+2) + f is frame f
+    h_ptr,  # (B*F, C_in, HW) stage input
+    rstd_ptr, center_ptr, scale_ptr, shift_ptr,  # as in _stage_dgrad_kernel
+    dn_ptr,  # (B*F, C_in, HW) out
+    ps1_ptr, ps2_ptr,  # (B, NT, C_in) fp32 out
+    C_in, F, HW, NT, CPG, G, seed, p_drop, drop_scale,
+    HAS_DROPOUT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The dgrad kernel's epilogue as its own pass, after the cuBLAS transposed conv (_stage_backward_cublas).
+    b = tl.program_id(2)
+    offs_c, c_ok, n_ok, f, p, mask = _channel_tile(C_in, F, HW, BLOCK_C, BLOCK_N)
+    da = tl.load(da_ptr + offs_c[:, None] * HW + ((b * (F + 2) + f) * (C_in * HW) + p)[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    offs = offs_c[:, None] * HW + ((b * F + f) * (C_in * HW) + p)[None, :]
+    _act_backward(da, h_ptr, offs, mask, b, offs_c, c_ok, C_in, CPG, G, rstd_ptr, center_ptr, scale_ptr, shift_ptr,
+                  dn_ptr, ps1_ptr, ps2_ptr, (b * NT + tl.program_id(1)) * C_in + offs_c, seed, p_drop, drop_scale,
+                  HAS_DROPOUT, INTERPRETED)
 
 
 @triton.jit
@@ -530,38 +561,48 @@ def _norm_act_kernel(
 
 
 @triton.jit
-def _pad_act_kernel(
-    h_ptr,  # (B*F, C, HW) stage input
-    a_ptr,  # (B*(F+2), C, HW) out: frames 1..F of each video dropout(silu(GroupNorm(h))), frames 0, F+1 zero
-    center_ptr, scale_ptr, shift_ptr,  # (B, C) fp32, as in _stage_fwd_kernel
-    ROWS, C, F, HW, seed, p_drop, drop_scale,  # ROWS = B*(F+2)*C, the padded rows
-    HAS_DROPOUT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+def _pad_kernel(
+    h_ptr,  # (B*F, C, HW) source
+    out_ptr,  # padded destination: (b, padded frame fp, c, p) at (b*(F+2) + fp) * STRIDE_F + c * STRIDE_C + p
+    out2_ptr,  # a second padded destination (HAS_OUT2) with strides STRIDE_F2, STRIDE_C2
+    center_ptr, scale_ptr, shift_ptr,  # (B, C) fp32, as in _stage_fwd_kernel (read when ACT)
+    ROWS, C, F, HW, seed, p_drop, drop_scale,  # ROWS = B*(F+2)*C, the padded (video, frame, channel) rows
+    STRIDE_F, STRIDE_C, STRIDE_F2, STRIDE_C2,
+    ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_OUT2: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # The cuBLAS forward's operand: the activation with each video's zero frame padding written out, so the
-    # conv over frames becomes one batched GEMM over overlapping three-frame windows (see
-    # _stage_forward_cublas). Same arithmetic and dropout mask (Philox on the element's flat index in the
-    # unpadded layout) as the fused prologue.
+    # The cuBLAS variant's operands: each video's frames written between a zero frame before and after, so
+    # the conv over frames (or its transpose) becomes one batched GEMM over overlapping three-frame windows
+    # (see _stage_forward_cublas). Frame-major destinations (STRIDE_F = C*HW, STRIDE_C = HW) serve those
+    # windows; channel-major ones (STRIDE_F = HW, STRIDE_C = B*(F+2)*HW) make every tap's window a plain
+    # (C, columns) slice for the weight gradient. With ACT the source is a stage input and the written value
+    # is the activation dropout(silu(GroupNorm(h))): the fused prologue's arithmetic and dropout mask (Philox
+    # on the element's flat index in the unpadded layout); else the source is copied.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     r_ok = rows < ROWS
     p_ok = offs_p < HW
     c = rows % C
-    fp = (rows // C) % (F + 2)
-    b = rows // (C * (F + 2))
+    jp = rows // C  # padded frame over all videos: b * (F + 2) + fp
+    fp = jp % (F + 2)
+    b = jp // (F + 2)
     valid = r_ok & (fp >= 1) & (fp <= F)
     src = ((b * F + tl.where(valid, fp - 1, 0)) * C + c)[:, None] * HW + offs_p[None, :]
     mask = valid[:, None] & p_ok[None, :]
-    center = tl.load(center_ptr + b * C + c, mask=valid, other=0.0)
-    scale = tl.load(scale_ptr + b * C + c, mask=valid, other=0.0)
-    shift = tl.load(shift_ptr + b * C + c, mask=valid, other=0.0)
-    h = tl.load(h_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    t = (h - center[:, None]) * scale[:, None] + shift[:, None]
-    a = t * tl.sigmoid(t)
-    if HAS_DROPOUT:
-        a = tl.where(tl.rand(seed, src) >= p_drop, a * drop_scale, 0.0)
-    a = tl.where(mask, a, 0.0)
-    tl.store(a_ptr + rows[:, None] * HW + offs_p[None, :], _cast(a, a_ptr.dtype.element_ty, INTERPRETED),
-             mask=r_ok[:, None] & p_ok[None, :])
+    v = tl.load(h_ptr + src, mask=mask, other=0.0)
+    if ACT:
+        center = tl.load(center_ptr + b * C + c, mask=valid, other=0.0)
+        scale = tl.load(scale_ptr + b * C + c, mask=valid, other=0.0)
+        shift = tl.load(shift_ptr + b * C + c, mask=valid, other=0.0)
+        t = (v.to(tl.float32) - center[:, None]) * scale[:, None] + shift[:, None]
+        a = t * tl.sigmoid(t)
+        if HAS_DROPOUT:
+            a = tl.where(tl.rand(seed, src) >= p_drop, a * drop_scale, 0.0)
+        v = _cast(tl.where(mask, a, 0.0), out_ptr.dtype.element_ty, INTERPRETED)
+    store_mask = r_ok[:, None] & p_ok[None, :]
+    tl.store(out_ptr + (jp * STRIDE_F + c * STRIDE_C)[:, None] + offs_p[None, :], v, mask=store_mask)
+    if HAS_OUT2:
+        tl.store(out2_ptr + (jp * STRIDE_F2 + c * STRIDE_C2)[:, None] + offs_p[None, :], v, mask=store_mask)
 
 
 @triton.jit
@@ -621,7 +662,7 @@ class _GemmConfig(NamedTuple):
     # of normalising in the GEMM's operand prologue (one more write + read of the activation, against the
     # prologue's recompute: 3 x C_out / block_m times per element). Which wins is a measurement.
     prenorm: bool = False
-    # Forward only: the activation written with each video's zero frame padding (`_pad_act_kernel`), the
+    # Forward only: the activation written with each video's zero frame padding (`_pad_kernel`), the
     # conv as one cuBLAS batched GEMM over overlapping three-frame windows, then bias / residual / the next
     # GroupNorm's statistics in `_gemm_epilogue_kernel` (block_* fields unused). See _stage_forward_cublas.
     cublas: bool = False
@@ -650,32 +691,37 @@ def _gemm_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
     wide = 128 if hw >= 256 and block_m <= 64 else 64
     block_n = _pow2_clamp(fhw, 16, wide if hw >= 64 else 32)
     num_warps = 8 if block_m * block_n >= 4096 else 4
-    return _GemmConfig(block_m, block_n, block_k, num_warps, 3, cublas=_FORWARD_GEMM == "cublas")
+    return _GemmConfig(block_m, block_n, block_k, num_warps, 3, cublas=_CONV_GEMM["forward"] == "cublas")
 
 
-FORWARD_GEMMS = ("triton", "cublas")
-_FORWARD_GEMM = "triton"
+CONV_GEMMS = ("triton", "cublas")
+_DIRECTIONS = ("forward", "backward")
+_CONV_GEMM = {"forward": "triton", "backward": "triton"}
 
 
-def set_forward_gemm(name: str) -> str:
-    """Which GEMM the forward stages run: "triton" (the fused implicit GEMM, the default) or "cublas" (the
-    activation padded in its own pass, then cuBLAS). Returns the previous choice. The environment variable
-    PDENGINE_CONV_GEMM sets it at import. Backward is the Triton kernels either way."""
-    global _FORWARD_GEMM
-    if name not in FORWARD_GEMMS:
-        raise ValueError(f"forward GEMM must be one of {FORWARD_GEMMS}, got {name!r}")
-    previous, _FORWARD_GEMM = _FORWARD_GEMM, name
+def set_conv_gemm(name: str, direction: str = "both") -> dict[str, str]:
+    """Which GEMMs the temporal conv runs: "triton" (the fused implicit-GEMM kernels, the default) or
+    "cublas" (the activation / gradient written with frame padding in its own pass, then cuBLAS over
+    overlapping frame windows), for direction "forward", "backward" or "both". Returns the previous
+    choice of both directions. PDENGINE_CONV_GEMM (one name, both directions) sets it at import."""
+    if name not in CONV_GEMMS:
+        raise ValueError(f"conv GEMM must be one of {CONV_GEMMS}, got {name!r}")
+    if direction not in (*_DIRECTIONS, "both"):
+        raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
+    previous = dict(_CONV_GEMM)
+    for d in _DIRECTIONS if direction == "both" else (direction,):
+        _CONV_GEMM[d] = name
     return previous
 
 
 @contextlib.contextmanager
-def forward_gemm(name: str) -> Iterator[None]:
-    """`set_forward_gemm(name)` for the duration of a with-block."""
-    previous = set_forward_gemm(name)
+def conv_gemm(name: str, direction: str = "both") -> Iterator[None]:
+    """`set_conv_gemm(name, direction)` for the duration of a with-block."""
+    previous = set_conv_gemm(name, direction)
     try:
         yield
     finally:
-        set_forward_gemm(previous)
+        _CONV_GEMM.update(previous)
 
 
 def _dgrad_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
@@ -880,17 +926,9 @@ def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor
     c_out = weight.shape[0]
     b, hw = bf // num_frames, hh * ww
     fp = num_frames + 2
-    a = torch.empty(b * fp, c_in, hh, ww, device=h.device, dtype=h.dtype)
-    grid_e, block_r, block_p = _row_pixel_grid(b * fp * c_in, hw)
-    _pad_act_kernel[grid_e](
-        h, a, stats.center, stats.scale, stats.shift, b * fp * c_in, c_in, num_frames, hw, seed, dropout_p,
-        _drop_scale(dropout_p), HAS_DROPOUT=dropout_p > 0, INTERPRETED=_interpreted(h), BLOCK_R=block_r,
-        BLOCK_P=block_p, num_warps=4,
-    )
+    (a,) = _padded(h, num_frames, act=(stats, dropout_p, seed))
     n_windows = b * fp - 2
-    windows = a.as_strided((n_windows, 3 * c_in, hw), (c_in * hw, hw, 1))
-    matrix = _conv_matrix(weight)
-    z = torch.bmm(matrix.expand(n_windows, c_out, 3 * c_in), windows)
+    z = _window_gemm(_conv_matrix(weight), a, n_windows)
     nt = triton.cdiv(num_frames * hw, _STATS_BLOCK_N)
     if next_norm is not None:
         pmean = torch.empty(b, nt, c_out, device=h.device, dtype=torch.float32)
@@ -905,6 +943,92 @@ def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor
     if next_norm is None:
         return out, None
     return out, _gn_finalize(pmean, pm2, _STATS_BLOCK_N, num_frames * hw, next_norm[0], next_norm[1], groups, eps)
+
+
+def _padded(x: torch.Tensor, num_frames: int, *, channel_major: Sequence[bool] = (False,),
+            act: tuple[GroupNormStats, float, int] | None = None) -> list[torch.Tensor]:
+    """x (B*F, C, H, W) with a zero frame before and after each video, in one or two layouts (one pass over
+    x): frame-major (B*(F+2), C, H*W) or channel-major (C, B*(F+2)*H*W). With act = (stats, dropout_p,
+    seed) the values written are the stage activation dropout(silu(GroupNorm(x)))."""
+    bf, c, hh, ww = x.shape
+    hw = hh * ww
+    jp = (bf // num_frames) * (num_frames + 2)
+    outs, strides = [], []
+    for cm in channel_major:
+        outs.append(torch.empty((c, jp * hw) if cm else (jp, c, hw), device=x.device, dtype=x.dtype))
+        strides.append((hw, jp * hw) if cm else (c * hw, hw))
+    if act is None:
+        coef = torch.empty(1, device=x.device, dtype=torch.float32)  # not read (ACT=False)
+        center = scale = shift = coef
+        p, seed = 0.0, 0
+    else:
+        stats, p, seed = act
+        center, scale, shift = stats.center, stats.scale, stats.shift
+    grid, block_r, block_p = _row_pixel_grid(jp * c, hw)
+    _pad_kernel[grid](
+        x, outs[0], outs[-1], center, scale, shift, jp * c, c, num_frames, hw, seed, p, _drop_scale(p),
+        *strides[0], *strides[-1], ACT=act is not None, HAS_DROPOUT=p > 0, HAS_OUT2=len(outs) > 1,
+        INTERPRETED=_interpreted(x), BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
+    )
+    return outs
+
+
+def _window_gemm(matrix: torch.Tensor, padded: torch.Tensor, n_windows: int) -> torch.Tensor:
+    """out[j] = matrix (M, 3*C) @ window j of a frame-major padded tensor (frames j, j+1, j+2: one contiguous
+    (3*C, H*W) block at offset j*C*H*W; consecutive windows overlap by two frames) for j < n_windows: one
+    strided batched GEMM (cuBLAS on a GPU) reading the windows in place, no copies."""
+    _, c, hw = padded.shape
+    windows = padded.as_strided((n_windows, 3 * c, hw), (c * hw, hw, 1))
+    return torch.bmm(matrix.expand(n_windows, *matrix.shape), windows)
+
+
+def _stage_backward_cublas(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, num_frames: int,
+                           stats: GroupNormStats, gamma: torch.Tensor, beta: torch.Tensor, groups: int,
+                           dropout_p: float, seed: int, residual_grad: torch.Tensor | None,
+                           weight_param: torch.Tensor, bias_param: torch.Tensor, need_weight: bool,
+                           need_input: bool) -> tuple:
+    """`_stage_wgrad` + `_stage_dgrad` with the GEMMs on cuBLAS: (dh, dgamma, dbeta, dW, dbias), None where
+    not needed. The output gradient g is written once with frame padding in two layouts:
+      * frame-major: the transposed conv da[b, f] = sum_k W_k^T g[b, f + 1 - k] is one batched GEMM of the
+        (C_in, 3*C_out) matrix [W_2^T W_1^T W_0^T] over g's overlapping three-frame windows, like the forward;
+      * channel-major (C_out, columns): with the activation recomputed into the same layout, tap k's weight
+        gradient dW_k = sum over windows j of g_j a_(j+k)^T is one GEMM of two column slices (the pad
+        columns of g are zero, so windows straddling two videos add nothing).
+    The weight gradient comes out of cuBLAS in the activation dtype (as under autocast), then is cast to the
+    parameter's dtype; the Triton path accumulates it in fp32 instead."""
+    bf, c_in, hh, ww = h.shape
+    c_out = g.shape[1]
+    b, hw = bf // num_frames, hh * ww
+    n_windows = b * (num_frames + 2) - 2
+    layouts = ((False,) if need_input else ()) + ((True,) if need_weight else ())
+    if not layouts:
+        return None, None, None, None, None
+    gpads = _padded(g, num_frames, channel_major=layouts)
+    dw = db = None
+    if need_weight:
+        g_cols = gpads[-1][:, hw:hw + n_windows * hw]  # window j's output gradient = padded frame j + 1
+        (a_cols,) = _padded(h, num_frames, channel_major=(True,), act=(stats, dropout_p, seed))
+        dw3 = torch.empty(3, c_out, c_in, device=h.device, dtype=h.dtype)
+        for k in range(3):
+            torch.mm(g_cols, a_cols[:, k * hw:k * hw + n_windows * hw].t(), out=dw3[k])
+        dw = torch.empty(weight_param.shape, device=h.device, dtype=weight_param.dtype)
+        dw.view(c_out, c_in, 3).copy_(dw3.permute(1, 2, 0))  # the parameter's own (contiguous) layout
+        db = g.sum(dim=(0, 2, 3), dtype=torch.float32).to(bias_param.dtype)
+    if not need_input:
+        return None, None, None, dw, db
+    transposed = weight.flip(2).permute(1, 2, 0).reshape(c_in, 3 * c_out)
+    da = _window_gemm(transposed, gpads[0], n_windows)
+    nt = triton.cdiv(num_frames * hw, _STATS_BLOCK_N)
+    dn = torch.empty_like(h)
+    ps1 = torch.empty(b, nt, c_in, device=h.device, dtype=torch.float32)
+    ps2 = torch.empty_like(ps1)
+    _act_bwd_kernel[(triton.cdiv(c_in, _STATS_BLOCK_C), nt, b)](
+        da, h, stats.rstd, stats.center, stats.scale, stats.shift, dn, ps1, ps2, c_in, num_frames, hw, nt,
+        c_in // groups, groups, seed, dropout_p, _drop_scale(dropout_p), HAS_DROPOUT=dropout_p > 0,
+        INTERPRETED=_interpreted(h), BLOCK_C=_STATS_BLOCK_C, BLOCK_N=_STATS_BLOCK_N, num_warps=4,
+    )
+    dh, dgamma, dbeta = _gn_backward(dn, ps1, ps2, h, num_frames, stats, gamma, beta, groups, residual_grad)
+    return dh, dgamma, dbeta, dw, db
 
 
 def _stage_wgrad(g: torch.Tensor, h: torch.Tensor, num_frames: int, stats: GroupNormStats,
@@ -962,13 +1086,24 @@ def _stage_dgrad(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, num_fra
         BLOCK_C=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_O=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return _gn_backward(dn, ps1, ps2, h, num_frames, stats, gamma, beta, groups, residual_grad)
+
+
+def _gn_backward(dn: torch.Tensor, ps1: torch.Tensor, ps2: torch.Tensor, h: torch.Tensor, num_frames: int,
+                 stats: GroupNormStats, gamma: torch.Tensor, beta: torch.Tensor, groups: int,
+                 residual_grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm backward from dn = dLoss/d(normalised + affine h) and its per-row partial sums (B, NT, C):
+    dh [+ residual_grad], dgamma, dbeta."""
+    bf, c_in, hh, ww = h.shape
+    b, hw = bf // num_frames, hh * ww
+    nt, cpg = ps1.shape[1], c_in // groups
     coef = torch.empty(3, b, c_in, device=h.device, dtype=torch.float32)
     dgamma = torch.empty(c_in, device=h.device, dtype=gamma.dtype)
     dbeta = torch.empty(c_in, device=h.device, dtype=beta.dtype)
     block_t, block_cpg = _reduce_blocks(cpg)
     _gn_bwd_reduce_kernel[(groups,)](
         ps1, ps2, stats.mean, stats.rstd, gamma, coef[0], coef[1], coef[2], dgamma, dbeta,
-        b, c_in, groups, cpg, nt, 1.0 / (cpg * fhw), INTERPRETED=_interpreted(h), BLOCK_T=block_t,
+        b, c_in, groups, cpg, nt, 1.0 / (cpg * num_frames * hw), INTERPRETED=_interpreted(h), BLOCK_T=block_t,
         BLOCK_CPG=block_cpg, num_warps=4,
     )
     dh = torch.empty_like(h)
@@ -1036,13 +1171,21 @@ class _TemporalConvBlockFn(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dgammas, dbetas, dws, dbs = [None] * 4, [None] * 4, [None] * 4, [None] * 4
         g = dout
+        cublas = _CONV_GEMM["backward"] == "cublas"
         for s in (3, 2, 1, 0):
             p = dropout_p if s > 0 else 0.0
             stage_seed = _stage_seed(seed, s)
-            if needs[14 + s] or needs[18 + s]:  # frozen convs skip the weight-gradient GEMM
+            need_weight = needs[14 + s] or needs[18 + s]  # frozen convs skip the weight-gradient GEMM
+            need_input = s > 0 or needs[0] or needs[6] or needs[10]
+            if cublas:
+                g, dgammas[s], dbetas[s], dws[s], dbs[s] = _stage_backward_cublas(
+                    g, weights[s], inputs[s], num_frames, stats[s], gammas[s], betas[s], groups, p, stage_seed,
+                    dout if s == 0 else None, weight_params[s], biases[s], need_weight, need_input)
+                continue
+            if need_weight:
                 dws[s], dbs[s] = _stage_wgrad(g, inputs[s], num_frames, stats[s], weight_params[s], biases[s], p,
                                               stage_seed)
-            if s > 0 or needs[0] or needs[6] or needs[10]:
+            if need_input:
                 g, dgammas[s], dbetas[s] = _stage_dgrad(g, weights[s], inputs[s], num_frames, stats[s],
                                                         gammas[s], betas[s], groups, p, stage_seed,
                                                         residual_grad=dout if s == 0 else None)
@@ -1243,7 +1386,8 @@ _PRESET = {"b": 2, "f": 16, "groups": 32, "channels": (320, 640, 1280), "hw": (1
 _FLOAT_ARGS = {"p_drop", "drop_scale", "eps", "inv_n"}
 # Int arguments that are multiples of 16 at the preset (C in {320, 640, 1280}, F = 16, H*W in {1024, 256, 64,
 # 16}, the packed weight's strides C_in and C_out*C_in, rows B*F*C): the launcher specializes on that.
-_DIVISIBLE_AT_PRESET = {"C_in", "C_out", "C", "F", "HW", "stride_w_o", "stride_w_k", "ROWS"}
+_DIVISIBLE_AT_PRESET = {"C_in", "C_out", "C", "F", "HW", "stride_w_o", "stride_w_k", "ROWS", "STRIDE_F", "STRIDE_C",
+                        "STRIDE_F2", "STRIDE_C2"}
 _FP32_PTRS = {"center_ptr", "scale_ptr", "shift_ptr", "pmean_ptr", "pm2_ptr", "mean_ptr", "rstd_ptr", "ps1_ptr",
               "ps2_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "coef_a_ptr", "coef_b_ptr", "coef_c_ptr"}
 
@@ -1309,17 +1453,21 @@ def compile_specs() -> list[CompileSpec]:
                 {"HAS_RESIDUAL": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3, False)
             add("norm_act", _norm_act_kernel, {"HAS_DROPOUT": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3,
                 False)
-            # The cuBLAS forward's two passes (set_forward_gemm("cublas")).
+            # The cuBLAS variant's passes (set_conv_gemm("cublas")).
             _, block_r, block_p = _row_pixel_grid(b * (f + 2) * c, hw)
-            add("pad_act", _pad_act_kernel, {"HAS_DROPOUT": True, "BLOCK_R": block_r, "BLOCK_P": block_p}, 4, 3,
-                False)
+            add("pad", _pad_kernel, {"ACT": True, "HAS_DROPOUT": True, "HAS_OUT2": False, "BLOCK_R": block_r,
+                                     "BLOCK_P": block_p}, 4, 3, False)
+            add("pad", _pad_kernel, {"ACT": False, "HAS_DROPOUT": False, "HAS_OUT2": True, "BLOCK_R": block_r,
+                                     "BLOCK_P": block_p}, 4, 3, False)
     for stats, res in ((True, False), (False, True)):
         add("gemm_epilogue", _gemm_epilogue_kernel,
             {"HAS_RESIDUAL": res, "HAS_STATS": stats, "BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3,
             False)
+    add("act_bwd", _act_bwd_kernel, {"HAS_DROPOUT": True, "BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4,
+        3, False)
     add("stats", _stats_kernel, {"BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3, False)
     add("sum_splits", _sum_splits_kernel, {"BLOCK": 1024}, 4, 3, False)
     return list(specs.values())
 
 
-set_forward_gemm(os.environ.get("PDENGINE_CONV_GEMM", "triton"))
+set_conv_gemm(os.environ.get("PDENGINE_CONV_GEMM", "triton"))

@@ -280,14 +280,13 @@ def test_prenorm_variant_backward_matches_reference(monkeypatch):
     _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
 
 
-# ------------------------------------------------------------------------------------- cuBLAS forward variant
+# ------------------------------------------------------------------------------------- cuBLAS variant
 
 
 @pytest.fixture
 def cublas_forward():
-    previous = tc.set_forward_gemm("cublas")
-    yield
-    tc.set_forward_gemm(previous)
+    with tc.conv_gemm("cublas", "forward"):
+        yield
 
 
 @pytest.mark.parametrize("b,f,c,g", [(2, 3, 6, 2), (1, 2, 6, 3), (3, 5, 4, 2)])
@@ -298,13 +297,11 @@ def test_cublas_forward_equals_the_fused_kernel(b, f, c, g):
     x, norms, convs = make_inputs(b, f, c, seed=13)
     fused = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
     fused_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
-    previous = tc.set_forward_gemm("cublas")
-    try:
+    with tc.conv_gemm("cublas", "forward"):
         assert tc._gemm_config(c, c, H * W, f * H * W).cublas
         out = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
         out_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
-    finally:
-        tc.set_forward_gemm(previous)
+    assert not tc._gemm_config(c, c, H * W, f * H * W).cublas  # the with-block restored the choice
     masks = tc.dropout_masks(x.shape, seed=7, dropout_p=0.3)
     assert_close(out, temporal_conv_block_ref(x, f, norms, convs, groups=g, dropout_masks=masks), torch.float32,
                  "cublas forward with dropout")
@@ -324,28 +321,76 @@ def test_cublas_forward_stage_with_other_channel_counts(cublas_forward):
     assert_close(out, ref, torch.float32, "cublas stage 6 -> 10 channels")
 
 
-def test_cublas_forward_backward_matches_reference(cublas_forward):
-    # The forward saves what the Triton backward reads (stage inputs in the model's layout, statistics).
-    _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
+@pytest.mark.parametrize("direction", ["forward", "backward", "both"])
+def test_cublas_backward_matches_reference(direction):
+    # Both directions read and save the same tensors, so each GEMM choice pairs with the other; the
+    # backward's transposed conv and three weight-gradient GEMMs run on padded g (b > 1: windows straddle
+    # two videos).
+    with tc.conv_gemm("cublas", direction):
+        _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
 
 
-def test_cublas_forward_bf16(cublas_forward):
+@pytest.mark.parametrize("b,f,c", [(1, 2, 9), (3, 5, 6)])
+def test_cublas_backward_awkward_shapes(b, f, c):
+    with tc.conv_gemm("cublas"):
+        _check_backward(b, f, c, 3)
+
+
+def test_cublas_backward_frozen_parts():
+    """Frozen convs skip the weight-gradient GEMMs; an input without grad and frozen stage-1 norm skip the
+    last transposed conv; what is computed still matches the reference."""
+    b, f, c, g = 2, 3, 6, 2
+    x, norms, convs = make_inputs(b, f, c, seed=8)
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
+    _, nk, ck = leaves(x, norms, convs)
+    _, nr, cr = leaves(x, norms, convs)
+    for convs_ in (ck, cr):
+        for w, bias in convs_:
+            w.requires_grad_(False)
+            bias.requires_grad_(False)
+    for n in (nk[0], nr[0]):
+        n[0].requires_grad_(False)
+        n[1].requires_grad_(False)
+    with tc.conv_gemm("cublas"):
+        tc.temporal_conv_block(x, f, nk, ck, groups=g).backward(dout)
+    temporal_conv_block_ref(x, f, nr, cr, groups=g).backward(dout)
+    for s in (1, 2, 3):
+        assert_close(nk[s][0].grad, nr[s][0].grad, torch.float32, f"gamma{s + 1}")
+        assert_close(nk[s][1].grad, nr[s][1].grad, torch.float32, f"beta{s + 1}")
+    assert nk[0][0].grad is None and all(w.grad is None for w, _ in ck)
+
+
+def test_cublas_bf16_forward_and_backward():
     b, f, c, g = 2, 3, 8, 2
     x, norms, convs = make_inputs(b, f, c, seed=15)
-    ref = temporal_conv_block_ref(x, f, norms, convs, groups=g)
-    xb, nb, cb = make_inputs(b, f, c, seed=15, dtype=torch.bfloat16)
-    out = tc.temporal_conv_block(xb, f, nb, cb, groups=g)
+    dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(16))
+    xr, nr, cr = leaves(x, norms, convs)
+    ref = temporal_conv_block_ref(xr, f, nr, cr, groups=g)
+    ref.backward(dout)
+    lp = make_inputs(b, f, c, seed=15, dtype=torch.bfloat16)
+    xl, nl, cl = leaves(*lp)
+    ref_lp = temporal_conv_block_ref(xl, f, nl, cl, groups=g)
+    ref_lp.backward(dout.bfloat16())
+    xk, nk, ck = leaves(*lp)
+    with tc.conv_gemm("cublas"):
+        out = tc.temporal_conv_block(xk, f, nk, ck, groups=g)
+        out.backward(dout.bfloat16())
     assert out.dtype == torch.bfloat16
-    assert_low_precision_close(out, ref, temporal_conv_block_ref(xb, f, nb, cb, groups=g), "cublas bf16")
+    assert_low_precision_close(out, ref_lp, ref, "cublas bf16 forward")
+    got, lp_grads, expected = named_grads(xk, nk, ck), named_grads(xl, nl, cl), named_grads(xr, nr, cr)
+    for name in ("x", "weight1", "weight4", "gamma2", "bias3"):
+        assert_low_precision_close(got[name], lp_grads[name], expected[name], f"cublas bf16 grad {name}")
 
 
-def test_set_forward_gemm_rejects_unknown_names():
-    with pytest.raises(ValueError, match="forward GEMM"):
-        tc.set_forward_gemm("cudnn")
+def test_set_conv_gemm_rejects_unknown_names():
+    with pytest.raises(ValueError, match="conv GEMM"):
+        tc.set_conv_gemm("cudnn")
+    with pytest.raises(ValueError, match="direction"):
+        tc.set_conv_gemm("cublas", "sideways")
     env = {**os.environ, "PDENGINE_CONV_GEMM": "nope"}
     run = subprocess.run([sys.executable, "-c", "import pdengine.kernels.temporal_conv"], env=env,
                          capture_output=True, text=True)
-    assert run.returncode != 0 and "forward GEMM" in run.stderr
+    assert run.returncode != 0 and "conv GEMM" in run.stderr
 
 
 def test_dropout_seed_none_uses_torch_generator():
@@ -444,7 +489,7 @@ def test_compile_specs_are_distinct_and_cover_the_gemms():
     mma = {s.name.split("[")[0] for s in specs if s.expects_mma}
     assert mma == {"stage_fwd", "stage_fwd_prenorm", "stage_dgrad", "stage_wgrad"}
     names = {s.name.split("[")[0] for s in specs}
-    assert {"pad_act", "gemm_epilogue"} <= names
+    assert {"pad", "gemm_epilogue", "act_bwd"} <= names
 
 
 def test_compile_specs_carry_the_launchers_divisibility_specialization():
