@@ -1,9 +1,11 @@
 """`pdengine bench sample`: end-to-end sampling of the `pixeldance` preset, side by side.
 
 On a GPU (one run, same weights, same schedule, bf16): our static sampler with and without a CUDA graph
-(and with the graph and the temporal convs' forward on cuBLAS, `pdengine_graph_cublas_conv`), diffusers' `UNet3DConditionModel` in a diffusers-style loop (eager, SDPA), and the same under
-`torch.compile(mode="max-autotune")`; seconds per video, videos/s, UNet FLOPs, MFU against the bf16
-matmul peak measured in the same run, peak memory, NVML clocks/power, compile/capture time.
+(also with the graph and the temporal convs' forward on cuBLAS, `pdengine_graph_cublas_conv`, and with the
+UNet under `torch.compile` inside the graph, `pdengine_graph_compile`), diffusers' `UNet3DConditionModel` in
+a diffusers-style loop (eager, SDPA), and the same under `torch.compile(mode="max-autotune")` (both compiled
+runs use `--compile-mode`); seconds per video, videos/s, UNet FLOPs, MFU against the bf16 matmul peak
+measured in the same run, peak memory, NVML clocks/power, compile/capture time.
 
 Beside them, per batch, `sample_breakdown` rows: one eager UNet call on the CFG batch split by layer kind
 (temporal conv, temporal attention, spatial ResNet, spatial attention, resampling, other), ours and
@@ -162,21 +164,22 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
     uncond = torch.randn_like(text)
     has_last = torch.zeros(b, dtype=torch.bool, device=dev)
 
-    def static_sampler(use_graph: bool) -> StaticSampler:
+    def static_sampler(use_graph: bool, compile_mode: str | None = None) -> StaticSampler:
         sched = load_scheduler(SD_SCHEDULE, kind="ddim")
         sched.set_timesteps(steps, device=dev)
         bucket = Bucket(b, c, FRAMES, LATENT, LATENT, TEXT_LEN, cfg["cross_attention_dim"], dt, steps, "ddim", 0.0, True)
-        return StaticSampler(ours, sched, bucket, dev, use_graph=use_graph)
+        return StaticSampler(ours, sched, bucket, dev, use_graph=use_graph,
+                             compile_backend="inductor" if compile_mode else None, compile_mode=compile_mode)
 
-    samplers = {(True, "triton"): static_sampler(True), (False, "triton"): static_sampler(False),
-                (True, "cublas"): static_sampler(True)}
+    samplers = {"graph": static_sampler(True), "eager": static_sampler(False), "graph_cublas": static_sampler(True)}
+    if compiled is not None:
+        samplers["graph_compile"] = static_sampler(True, compile_mode)
 
-    def ours_run(use_graph: bool, gemm: str = "triton"):
+    def ours_run(which: str, gemm: str = "triton"):
         # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured).
         with torch.no_grad(), conv_gemm(gemm, "forward"):
-            return samplers[use_graph, gemm].run(x_t, text, uncond, ours.condition_features(c_first),
-                                                 ours.condition_features(c_last), has_last, tau=steps // 2,
-                                                 guidance=7.5)
+            return samplers[which].run(x_t, text, uncond, ours.condition_features(c_first),
+                                       ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)
 
     def diffusers_run(model):
         sched = DiffusersDDIM.from_config(SD_SCHEDULE)
@@ -191,18 +194,20 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
         return x
 
     providers = {
-        "pdengine_graph": lambda: ours_run(True),
-        "pdengine_graph_cublas_conv": lambda: ours_run(True, "cublas"),
-        "pdengine_eager": lambda: ours_run(False),
+        "pdengine_graph": lambda: ours_run("graph"),
+        "pdengine_graph_cublas_conv": lambda: ours_run("graph_cublas", "cublas"),
+        "pdengine_eager": lambda: ours_run("eager"),
         "diffusers_eager": lambda: diffusers_run(ref),
     }
     if compiled is not None:
+        # Both compiled the same way (`--compile-mode`); ours inside its CUDA graph, the kernels as operators.
+        providers["pdengine_graph_compile"] = lambda: ours_run("graph_compile")
         providers["diffusers_compile"] = lambda: diffusers_run(compiled)
     rows = []
     for name, fn in providers.items():
         row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
-        if name == "diffusers_compile":
+        if name.endswith("_compile"):
             row["compile_mode"] = compile_mode
         try:
             torch.cuda.reset_peak_memory_stats()

@@ -66,10 +66,13 @@ def _quiet_libraries() -> None:
 @click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto",
               help="Temporal layers: Triton kernels, PyTorch reference, or auto (kernels on CUDA).")
 @click.option("--no-cuda-graph", is_flag=True, help="Run the static sampler eagerly (no CUDA graph capture).")
+@click.option("--compile", "compile_unet", is_flag=True,
+              help="torch.compile (Inductor) the UNet of the static CUDA sampler before capture (the first batch "
+                   "pays the compile time).")
 @click.option("--resume", is_flag=True, help="Skip videos already in --out's manifest (same prompts and seeds).")
 def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size, height, width, steps,
              sampler, eta, guidance, tau, seed, batch_size, clips, fps, fmt, out_dir, device, dtype,
-             t2i_model, backend, no_cuda_graph, resume):
+             t2i_model, backend, no_cuda_graph, compile_unet, resume):
     """Sample PixelDance videos from text + first frame (+ optional last frame)."""
     from pathlib import Path
 
@@ -100,7 +103,8 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
                                   sampler=sampler, eta=eta, guidance=guidance, tau=tau)
         job = GenerateJob(specs=specs, model=model, out_dir=Path(out_dir), settings=settings, seed=seed,
                           batch_size=batch_size, clips=clips, fps=fps, fmt=fmt, device=device, dtype=dtype,
-                          t2i_model=t2i_model, backend=backend, cuda_graph=not no_cuda_graph)
+                          t2i_model=t2i_model, backend=backend, cuda_graph=not no_cuda_graph,
+                          compile=compile_unet)
         records = run_generate(job, resume=resume)
     except (GenerateError, PromptFileError, MediaError, ModelFolderError) as e:
         _fail(e)

@@ -45,6 +45,7 @@ class GenerateJob:
     t2i_model: str | None = None
     backend: str = "torch"
     cuda_graph: bool = True
+    compile: bool = False  # torch.compile (Inductor) the static CUDA sampler's UNet before capture
 
 
 def demo_model_dir() -> Path:
@@ -252,6 +253,11 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
         log(f"note: {job.model} has RANDOM weights: the videos it makes are noise (a smoke test of the engine)")
     pipe = PixelDancePipeline.from_pretrained(model_dir, device=device, dtype=dtype, backend=job.backend)
     pipe.use_cuda_graph = job.cuda_graph
+    if job.compile:
+        if pipe.static_sampler:
+            pipe.compile_backend = "inductor"
+        elif rank == 0:
+            log("note: --compile applies to the static CUDA sampler; this run is on the CPU: not compiled")
     captured = 0.0
     settings = job.settings
     h, w = settings.height, settings.width
@@ -316,6 +322,7 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
                     "dtype": str(dtype).replace("torch.", ""), "backend": job.backend,
                     "seconds": round(seconds, 3), "capture_seconds": round(capture, 3), "rank": rank,
                     "cuda_graph": bool(pipe.static_sampler and pipe.use_cuda_graph and device.startswith("cuda")),
+                    "compiled": pipe.compile_backend is not None,
                 }
                 # The video is in place before its manifest line: a crash loses at most this batch.
                 with manifest.open("a") as fh:

@@ -44,8 +44,14 @@ class StaticSampler:
     """Denoising loop over preallocated buffers; CUDA-graph captured when `use_graph` and on CUDA."""
 
     def __init__(self, unet: torch.nn.Module, scheduler, bucket: Bucket, device: torch.device,
-                 use_graph: bool = True, fused_update: bool | None = None):
+                 use_graph: bool = True, fused_update: bool | None = None, compile_backend: str | None = None,
+                 compile_mode: str | None = None):
         self.unet, self.scheduler, self.bucket = unet, scheduler, bucket
+        # torch.compile of the UNet (e.g. "inductor"): compiled during the warm-up before capture; the Triton
+        # kernels enter the compiled graph as opaque operators (pdengine::*), so nothing breaks the graph.
+        self.compile_backend = compile_backend
+        self._unet_call = (torch.compile(unet, backend=compile_backend, mode=compile_mode, dynamic=False)
+                           if compile_backend else unet)
         self.device = torch.device(device)
         self.use_graph = use_graph and self.device.type == "cuda"
         b, c, f, h, w = bucket.batch, bucket.channels, bucket.frames, bucket.height, bucket.width
@@ -83,7 +89,7 @@ class StaticSampler:
         x = self.latents
         if self.bucket.cfg:
             x, feats = torch.cat([x, x]), torch.cat([feats, feats])
-        eps = self.unet(x, t.expand(x.shape[0]), self.context, cond_features=feats)
+        eps = self._unet_call(x, t.expand(x.shape[0]), self.context, cond_features=feats)
         noise = self.noise if self.stochastic else None
         if self.fused_update:
             from pdengine.kernels.latent_update import latent_update_

@@ -174,6 +174,7 @@ class PixelDancePipeline:
         # False runs the same static step eagerly (`--no-cuda-graph`).
         self.static_sampler = device.type == "cuda"
         self.use_cuda_graph = True
+        self.compile_backend: str | None = None  # torch.compile the static sampler's UNet (`--compile`)
         self._samplers: dict = {}
         self.latent_channels = int(vae.config.latent_channels)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -289,10 +290,10 @@ class PixelDancePipeline:
         _, c, f, h, w = latents.shape
         bucket = Bucket(batch, c, f, h, w, text.shape[1], text.shape[2], self.dtype, settings.steps,
                         settings.sampler, settings.eta, settings.guidance > 1.0)
-        key = (bucket, self.use_cuda_graph)
+        key = (bucket, self.use_cuda_graph, self.compile_backend)
         if key not in self._samplers:
             self._samplers[key] = StaticSampler(self.unet, self.make_scheduler(settings), bucket, self.device,
-                                                use_graph=self.use_cuda_graph)
+                                                use_graph=self.use_cuda_graph, compile_backend=self.compile_backend)
         return self._samplers[key]
 
     @torch.no_grad()

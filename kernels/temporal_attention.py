@@ -562,6 +562,8 @@ def temporal_attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, scale
     head_dim = _check_attention_inputs(qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:], num_frames,
                                        heads, pixels)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if _inference_op(qkv):
+        return _attention_qkv_op(qkv, num_frames, heads, pixels, scale)
     return _TemporalAttentionQKV.apply(qkv, num_frames, heads, pixels, scale)[0]
 
 
@@ -578,6 +580,8 @@ def video_group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.T
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (c,) or p.device != x.device):
             raise ValueError(f"{name} must be ({c},) on {x.device}, got {tuple(p.shape)} on {p.device}")
+    if _inference_op(x, weight, bias):
+        return _group_norm_to_tokens_op(x, num_frames, weight, bias, groups, float(eps))
     return _VideoGroupNormToTokens.apply(x, weight, bias, num_frames, groups, float(eps))
 
 
@@ -592,7 +596,62 @@ def tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) 
                          f"strides {t.stride()}")
     if t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"t and x must share dtype and device, got {t.dtype}/{t.device} and {x.dtype}/{x.device}")
+    if _inference_op(t, x):
+        return _tokens_to_video_residual_op(t, x, num_frames)
     return _TokensToVideoResidual.apply(t, x, num_frames)
+
+
+# ------------------------------------------------------------------------------- operators for torch.compile
+# Without autograd, under torch.compile, each entry point above is one opaque operator: traced code sees a
+# node with shapes from the fake implementation instead of walking into the launchers and kernels (which
+# Dynamo cannot trace on the CPU interpreter). Eager calls skip the dispatcher.
+
+
+def _inference_op(*tensors: torch.Tensor | None) -> bool:
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.compiler.is_compiling() and not needs_grad
+
+
+def _attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, pixels: int, scale: float) -> torch.Tensor:
+    width = qkv.shape[1] // 3
+    return _attention_forward(qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:], num_frames, heads,
+                              pixels, scale)[0]
+
+
+_attention_qkv_op = torch.library.custom_op("pdengine::temporal_attention_qkv", _attention_qkv, mutates_args=())
+
+
+@_attention_qkv_op.register_fake
+def _(qkv, num_frames, heads, pixels, scale):
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
+
+
+def _group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          groups: int, eps: float) -> torch.Tensor:
+    return _group_norm_to_tokens_forward(x, num_frames, weight, bias, groups, eps)
+
+
+_group_norm_to_tokens_op = torch.library.custom_op("pdengine::video_group_norm_to_tokens", _group_norm_to_tokens,
+                                                   mutates_args=())
+
+
+@_group_norm_to_tokens_op.register_fake
+def _(x, num_frames, weight, bias, groups, eps):
+    bf, c, h, w = x.shape
+    return x.new_empty((bf * h * w, c))
+
+
+def _tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    return _tokens_to_video_residual_forward(t, x)
+
+
+_tokens_to_video_residual_op = torch.library.custom_op("pdengine::tokens_to_video_residual", _tokens_to_video_residual,
+                                                       mutates_args=())
+
+
+@_tokens_to_video_residual_op.register_fake
+def _(t, x, num_frames):
+    return torch.empty_like(x)
 
 
 def modeled_bytes(batch: int, num_frames: int, pixels: int, heads: int, head_dim: int,

@@ -90,9 +90,13 @@ def test_generate_prompts_file_batches_and_formats(tiny_pipeline_dir, image, tmp
 
 
 def test_tiny_random_says_it_is_noise(tmp_path):
-    result = run("generate", "hello", "--model", "tiny-random", *FAST, "--out", tmp_path / "o")
+    result = run("generate", "hello", "--model", "tiny-random", *FAST, "--compile", "--out", tmp_path / "o")
     assert "RANDOM weights" in result.output and "noise" in result.output
     assert "without --first-frame" in result.output
+    # --compile concerns the static CUDA sampler: on the CPU it says so and the run goes on uncompiled.
+    assert "--compile applies to the static CUDA sampler" in result.output
+    row = json.loads((tmp_path / "o" / "manifest.jsonl").read_text().splitlines()[0])
+    assert row["compiled"] is False
 
 
 @pytest.mark.parametrize(

@@ -220,6 +220,21 @@ def test_static_sampler_equals_reference_sampler(pipe, settings):
     torch.testing.assert_close(again, static, rtol=0, atol=0)
 
 
+def test_static_sampler_with_compiled_unet_equals_uncompiled(pipe):
+    """`--compile`: the static step with the UNet under torch.compile (the aot_eager backend here: the same
+    tracing, no code generation) gives the uncompiled result."""
+    settings = SampleSettings(num_frames=3, height=64, width=64, steps=3, guidance=3.0, tau=1)
+    args = (["a"], [None], [None])
+    plain = pipe.sample_clip(*args, [torch.Generator().manual_seed(2)], settings, static=True)
+    pipe.compile_backend = "aot_eager"
+    try:
+        compiled = pipe.sample_clip(*args, [torch.Generator().manual_seed(2)], settings, static=True)
+    finally:
+        pipe.compile_backend = None
+    assert any(key[2] == "aot_eager" for key in pipe._samplers)
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu):
     pipe_gpu = PixelDancePipeline.from_pretrained(tiny_pipeline_dir, device=gpu)
@@ -234,7 +249,7 @@ def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu):
     pipe_gpu.use_cuda_graph = True
     graphed = pipe_gpu.sample_clip(*args, gens(), settings, static=True)
     torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-3)
-    sampler = next(s for (b, g), s in pipe_gpu._samplers.items() if g)
+    sampler = next(s for (b, g, _), s in pipe_gpu._samplers.items() if g)
     assert sampler.graph is not None
     torch.cuda.set_sync_debug_mode("error")
     try:

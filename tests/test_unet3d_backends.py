@@ -96,3 +96,29 @@ def test_attention_outside_the_kernel_range_falls_back_and_says_so(caplog):
     assert sum("outside the Triton kernel's range" in r.getMessage() for r in caplog.records) == 1
     with torch.no_grad():
         assert torch.equal(out, ref(x, 2))
+
+
+def test_triton_backend_compiles_as_one_graph():
+    """Under torch.compile the kernels are opaque operators (pdengine::*): the whole UNet traces as one graph
+    (fullgraph=True raises on any break) holding those operators, and gives the eager result."""
+    import torch._dynamo
+
+    _, model = reference_pair(CFG)
+    model.backend = "triton"
+    x, t, ctx = _inputs()
+    targets: list[str] = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=recording_backend, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        expected = model(x, t, ctx)
+        got = compiled(x, t, ctx)
+    torch._dynamo.reset()
+    assert_close(got, expected, name="compiled vs eager, triton backend")
+    ops = {name for name in targets if name.startswith("pdengine.")}
+    assert ops == {"pdengine.temporal_conv_block.default", "pdengine.temporal_attention_qkv.default",
+                   "pdengine.video_group_norm_to_tokens.default", "pdengine.tokens_to_video_residual.default"}
