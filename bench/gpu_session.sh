@@ -1,26 +1,30 @@
 #!/usr/bin/env bash
-# One lent-GPU session in one command: install the carried wheels, run the GPU tests, then the three
-# benches side by side, each stage under its own time limit so one that hangs or fails costs only itself.
+# One lent-GPU session in one command: install the carried wheels, run the GPU tests, then the benches side
+# by side, each stage under its own time limit so one that hangs or fails costs only itself.
 # Logs and result files land in $OUT (one tarball), named <device>-<bench>-<sha>.
 #   PDENGINE_GIT_SHA=<sha> bash bench/gpu_session.sh          (carry .whl: diffusers, importlib_metadata, av)
 # The device image lacks diffusers, importlib_metadata and av: download their cp312 manylinux wheels into
 # .whl (git-ignored via .git/info/exclude) with `pip download --no-deps --only-binary=:all:` first.
 # Seen on an H200 (2026-11-30): setup 15 s, tests 40 s, kernels 22 + 23 + 83 (temporal conv) + 40 s, sample
 # batch 1 about 40 s with Triton compiles and graph capture; batch 8 and train did not finish in 100 / 50 s.
-# One call may run 600 s at most and a lease is 15 minutes: run STAGES="tests kernels tune" first (about
-# 8 minutes: "tune" is `pdengine bench conv-configs`, the temporal conv's forward / dgrad / wgrad launch
-# configurations, about 4 minutes), then at once, while the machine is warm, STAGES="sample train".
+# Stages run in the order that answers the open questions first: tests, sample (end to end, and where one
+# UNet call spends its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train,
+# tune (`pdengine bench conv-configs`), compile (ours and diffusers under torch.compile, batch 8). One call
+# may run 600 s at most and a lease is 15 minutes including the machine's start, so plan two calls:
+#   1. STAGES="tests sample kernels" FAMILIES="temporal_conv temporal_attention"   (about 8-9 minutes)
+#   2. at once, while the machine is warm: STAGES="train tune compile"             (about 8-9 minutes)
 # Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
-# subset of "tests kernels tune sample train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
-# TRAIN_BATCHES. The temporal conv's cuBLAS forward runs beside the fused kernel in every stage (`triton_cublas`
-# kernel rows, `cublas` conv-configs rows, `pdengine_graph_cublas_conv` sample rows), and the sample stage
-# splits one UNet call per layer kind, ours and diffusers' (`sample_breakdown` rows). Every finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by
-# its time limit keeps what it measured.
+# subset of "tests sample kernels train tune compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
+# TRAIN_BATCHES, TUNE_QUICK (1: two or three candidates per kernel, the default; 0: all). The temporal conv's
+# cuBLAS variant runs beside the fused kernels in every stage (`triton_cublas` kernel rows, `cublas`
+# conv-configs rows, `pdengine_graph_cublas_conv` sample rows, `pdengine_cublas_conv` train rows). Every
+# finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by its time limit keeps
+# what it measured.
 set -u
 OUT=${OUT:-/tmp/pdengine-gpu}
 SHA=${PDENGINE_GIT_SHA:-unknown}
 R=$OUT/results; mkdir -p "$R"
-STAGES=" ${STAGES:-tests kernels tune sample train} "
+STAGES=" ${STAGES:-tests sample kernels train tune} "
 on() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PDENGINE_GIT_SHA=$SHA
 LOG=$OUT/session.log
@@ -47,27 +51,28 @@ on tests && timeout "${T_TESTS:-90}" python3 -m pytest -m gpu -v -rs -p no:cache
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
-for fam in ${FAMILIES:-latent_update concat_cond temporal_conv temporal_attention}; do
+on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&
+timeout "${T_SAMPLE:-260}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
+  --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+
+for fam in ${FAMILIES:-temporal_conv temporal_attention latent_update concat_cond}; do
   on kernels || continue
   stage "bench kernels $fam"
   timeout "${T_KERNELS:-100}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \
     --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 done
 
-on tune && stage bench conv-configs &&
-timeout "${T_TUNE:-270}" "${PD[@]}" bench conv-configs --device cuda \
-  --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
-
-on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&
-timeout "${T_SAMPLE:-260}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
-  --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
-
 on train && stage bench train && TB=$(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) &&
 timeout "${T_TRAIN:-150}" "${PD[@]}" bench train --device cuda $TB --steps 3 \
   --json "$R/cuda-train-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
+on tune && stage bench conv-configs &&
+timeout "${T_TUNE:-270}" "${PD[@]}" bench conv-configs --device cuda $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) \
+  --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+
 on compile && stage bench sample torch.compile &&
-timeout "${T_COMPILE:-150}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
+timeout "${T_COMPILE:-240}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
+  --providers pdengine_graph,pdengine_graph_compile,diffusers_compile \
   --json "$R/cuda-sample-compile-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 stage done

@@ -121,7 +121,12 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _gpu_rows(batches: list[int], steps: int, compile_mode: str) -> list[dict[str, Any]]:  # pragma: no cover
+GPU_PROVIDERS = ("pdengine_graph", "pdengine_graph_cublas_conv", "pdengine_eager", "diffusers_eager",
+                 "pdengine_graph_compile", "diffusers_compile", "breakdown")
+
+
+def _gpu_rows(batches: list[int], steps: int, compile_mode: str,
+              only: list[str] | None) -> list[dict[str, Any]]:  # pragma: no cover
     from pdengine.model import UNet3D
 
     from .common import measure_peaks
@@ -137,12 +142,12 @@ def _gpu_rows(batches: list[int], steps: int, compile_mode: str) -> list[dict[st
     compiled = None if compile_mode == "none" else torch.compile(ref, mode=compile_mode)
     rows = []
     for b in batches:
-        rows += _gpu_batch_rows(b, steps, cfg, ours, ref, compiled, peaks, compile_mode)
+        rows += _gpu_batch_rows(b, steps, cfg, ours, ref, compiled, peaks, compile_mode, only)
     return rows
 
 
-def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
-                    compile_mode: str) -> list[dict]:  # pragma: no cover
+def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, compile_mode: str,
+                    only: list[str] | None) -> list[dict]:  # pragma: no cover
     import time
 
     from diffusers import DDIMScheduler as DiffusersDDIM
@@ -205,6 +210,8 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
         providers["diffusers_compile"] = lambda: diffusers_run(compiled)
     rows = []
     for name, fn in providers.items():
+        if only is not None and name not in only:
+            continue
         row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
         if name.endswith("_compile"):
@@ -228,7 +235,8 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks,
         except Exception as e:  # a failing provider is an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
         rows.append(emit(row))
-    rows += _breakdown_rows(b, ours, ref, x_t, c_first, text, uncond)
+    if only is None or "breakdown" in only:
+        rows += _breakdown_rows(b, ours, ref, x_t, c_first, text, uncond)
     return rows
 
 
@@ -264,11 +272,14 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
 
 def run_sample_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
                      batches: list[int] | None = None, steps: int = 50,
-                     compile_mode: str = "max-autotune") -> list[dict[str, Any]]:
+                     compile_mode: str = "max-autotune", providers: list[str] | None = None) -> list[dict[str, Any]]:
+    unknown = sorted(set(providers or ()) - set(GPU_PROVIDERS))
+    if unknown:
+        raise ValueError(f"unknown sample providers {unknown}; choose from {', '.join(GPU_PROVIDERS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for the proxies")
     batches = batches or [1, 8, 16]
-    rows = _gpu_rows(batches, steps, compile_mode) if device == "cuda" else _cpu_rows(batches, steps)
+    rows = _gpu_rows(batches, steps, compile_mode, providers) if device == "cuda" else _cpu_rows(batches, steps)
     stamp = env_info(device)
     rows = [{**r, **stamp} for r in rows]
     if json_path is not None:

@@ -197,8 +197,11 @@ def bench_conv_configs(device, json_path, quick):
 @click.option("--steps", default=50, help="DDIM steps.")
 @click.option("--compile-mode", default="max-autotune", show_default=True,
               type=click.Choice(["max-autotune", "default", "none"]),
-              help="torch.compile mode of the diffusers_compile provider (none: leave that row out).")
-def bench_sample(device, json_path, csv_path, batches, steps, compile_mode):
+              help="torch.compile mode of the compiled providers (none: leave those rows out).")
+@click.option("--providers", help="Comma-separated subset of the GPU providers to run (pdengine_graph, "
+                                  "pdengine_graph_cublas_conv, pdengine_eager, diffusers_eager, pdengine_graph_compile, "
+                                  "diffusers_compile, breakdown).  [default: all]")
+def bench_sample(device, json_path, csv_path, batches, steps, compile_mode, providers):
     """End-to-end sampling of the pixeldance preset (16x256x256, CFG 7.5) vs diffusers."""
     from pathlib import Path
 
@@ -208,8 +211,12 @@ def bench_sample(device, json_path, csv_path, batches, steps, compile_mode):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run_sample_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
-                            list(batches) or None, steps, compile_mode=compile_mode)
+    try:
+        rows = run_sample_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
+                                list(batches) or None, steps, compile_mode=compile_mode,
+                                providers=[p.strip() for p in providers.split(",")] if providers else None)
+    except ValueError as e:
+        _fail(e)
     for r in rows:
         keys = [k for k in ("provider", "batch", "status", "seconds_per_video", "videos_per_s", "mfu",
                             "unet_gflops_per_video", "launches_per_step_eager", "gb_per_step") if k in r]

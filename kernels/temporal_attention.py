@@ -17,8 +17,9 @@ padded query rows, head-dim columns and pixels load zeros and are never stored. 
 the scale and log2(e) folded into one multiply. fp32 inputs use 3xTF32 dots (about fp32 accuracy).
 
 Also here (layout fusions around the cuBLAS projections): `video_group_norm_to_tokens` (GroupNorm with
-per-video statistics that writes (b, f, p) token rows straight from (B*F, C, H, W)) and
-`tokens_to_video_residual` (tokens back to (B*F, C, H, W) fused with the residual add).
+per-video statistics that writes (b, f, p) token rows straight from (B*F, C, H, W); its backward is two
+kernels on the saved statistics) and `tokens_to_video_residual` (tokens back to (B*F, C, H, W) fused with
+the residual add).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import triton
 import triton.language as tl
 
 from .compile_check import CompileSpec
-from .temporal_attention_ref import video_group_norm_to_tokens_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -210,6 +210,36 @@ def _frame_group_stats_kernel(
 
 
 @triton.jit
+def _layout_tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The layout kernels' (channel, pixel) tile of one frame: axis 0 runs over (frame, pixel block) -- B*F*P /
+    BLOCK_P can pass 65,535 --, axis 1 over channel blocks. Returns the frame row bf, pixel and channel
+    offsets and the (BLOCK_C, BLOCK_P) mask."""
+    blocks_per_frame = tl.cdiv(P, BLOCK_P)
+    bf = tl.program_id(0) // blocks_per_frame
+    offs_p = (tl.program_id(0) % blocks_per_frame) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return bf, offs_p, offs_c, (offs_c < C)[:, None] & (offs_p < P)[None, :]
+
+
+@triton.jit
+def _video_group_moments(mean_ptr, m2_ptr, bf, offs_c, C, P, F, G, eps, F_PAD: tl.constexpr):
+    """Mean and 1/std of each channel's group over the video of frame row bf, merged from the F per-frame
+    partials (equal counts) by Chan's formula: mean = avg(mean_f), M2 = sum(M2_f) + n sum((mean_f - mean)^2),
+    var = M2 / (F n)."""
+    group = offs_c // (C // G)
+    offs_f = tl.arange(0, F_PAD)
+    stat = ((bf // F) * F + offs_f)[None, :] * G + group[:, None]  # (BLOCK_C, F_PAD)
+    stat_mask = (offs_c < C)[:, None] & (offs_f < F)[None, :]
+    means = tl.load(mean_ptr + stat, mask=stat_mask, other=0.0)
+    m2s = tl.load(m2_ptr + stat, mask=stat_mask, other=0.0)
+    mean = tl.sum(means, axis=1) / F
+    dev = tl.where(stat_mask, means - mean[:, None], 0.0)
+    n = (C // G) * P
+    var = (tl.sum(m2s, axis=1) + n * tl.sum(dev * dev, axis=1)) / (F * n)
+    return mean, tl.math.rsqrt(tl.maximum(var, 0.0) + eps)
+
+
+@triton.jit
 def _video_to_tokens_kernel(
     x_ptr,  # (B*F, C, H, W) contiguous
     out_ptr,  # (B*F*H*W, C) token rows in (b, f, p) order, contiguous
@@ -221,31 +251,13 @@ def _video_to_tokens_kernel(
     NORMALIZE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     F_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # Axis 0: (frame, pixel block) -- B*F*P/BLOCK_P can pass 65,535; axis 1: channel blocks.
-    pid = tl.program_id(0)
-    blocks_per_frame = tl.cdiv(P, BLOCK_P)
-    bf = pid // blocks_per_frame
-    offs_p = (pid % blocks_per_frame) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_c < C)[:, None] & (offs_p < P)[None, :]
-    frame_base = bf.to(tl.int64) * C * P
+    bf, offs_p, offs_c, mask = _layout_tile(C, P, BLOCK_C, BLOCK_P)
     # Read along pixels (contiguous in NCHW) ...
-    x = tl.load(x_ptr + frame_base + offs_c[:, None] * P + offs_p[None, :], mask=mask, other=0.0)
+    x = tl.load(x_ptr + bf.to(tl.int64) * C * P + offs_c[:, None] * P + offs_p[None, :], mask=mask, other=0.0)
     y = x.to(tl.float32)  # (BLOCK_C, BLOCK_P)
     if NORMALIZE:
-        # Merge the video's F per-frame partials of each channel's group (equal counts): Chan's formula,
-        # mean = avg(mean_f), M2 = sum(M2_f) + n * sum((mean_f - mean)^2), var = M2 / (F * n).
-        group = offs_c // (C // G)
-        offs_f = tl.arange(0, F_PAD)
-        stat = ((bf // F) * F + offs_f)[None, :] * G + group[:, None]  # (BLOCK_C, F_PAD)
-        stat_mask = (offs_c < C)[:, None] & (offs_f < F)[None, :]
-        means = tl.load(mean_ptr + stat, mask=stat_mask, other=0.0)
-        m2s = tl.load(m2_ptr + stat, mask=stat_mask, other=0.0)
-        mean = tl.sum(means, axis=1) / F
-        dev = tl.where(stat_mask, means - mean[:, None], 0.0)
-        n = (C // G) * P
-        var = (tl.sum(m2s, axis=1) + n * tl.sum(dev * dev, axis=1)) / (F * n)
-        y = (y - mean[:, None]) * tl.math.rsqrt(tl.maximum(var, 0.0) + eps)[:, None]
+        mean, rstd = _video_group_moments(mean_ptr, m2_ptr, bf, offs_c, C, P, F, G, eps, F_PAD)
+        y = (y - mean[:, None]) * rstd[:, None]
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None]
         if HAS_BIAS:
@@ -264,20 +276,74 @@ def _tokens_to_video_residual_kernel(
     C, P, stride_t_n,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    blocks_per_frame = tl.cdiv(P, BLOCK_P)
-    bf = pid // blocks_per_frame
-    offs_p = (pid % blocks_per_frame) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_pc = (offs_p < P)[:, None] & (offs_c < C)[None, :]
-    rows = bf.to(tl.int64) * P + offs_p
+    bf, offs_p, offs_c, mask_cp = _layout_tile(C, P, BLOCK_C, BLOCK_P)
     # Tokens are read along channels, the video along pixels: both coalesced, transposed in between.
-    t = tl.load(t_ptr + rows[:, None] * stride_t_n + offs_c[None, :], mask=mask_pc, other=0.0)
+    t = _load_tokens_transposed(t_ptr, bf, offs_p, offs_c, C, P, stride_t_n)
     offs = bf.to(tl.int64) * C * P + offs_c[:, None] * P + offs_p[None, :]
-    mask_cp = (offs_c < C)[:, None] & (offs_p < P)[None, :]
     x = tl.load(x_ptr + offs, mask=mask_cp, other=0.0)
-    out = x.to(tl.float32) + tl.trans(t).to(tl.float32)
+    out = x.to(tl.float32) + t
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask_cp)
+
+
+@triton.jit
+def _load_tokens_transposed(t_ptr, bf, offs_p, offs_c, C, P, stride_t_n):
+    """The (BLOCK_C, BLOCK_P) fp32 tile of token rows (b, f, p) of frame row bf, read along channels
+    (coalesced in the token layout), zeros outside."""
+    rows = bf.to(tl.int64) * P + offs_p
+    mask_pc = (offs_p < P)[:, None] & (offs_c < C)[None, :]
+    t = tl.load(t_ptr + rows[:, None] * stride_t_n + offs_c[None, :], mask=mask_pc, other=0.0)
+    return tl.trans(t.to(tl.float32))
+
+
+@triton.jit
+def _tokens_group_norm_bwd_reduce_kernel(
+    x_ptr,  # (B*F, C, H, W) contiguous: the forward's input
+    dy_ptr,  # (B*F*H*W, C) gradient of the token rows, row stride stride_dy_n
+    mean_ptr, m2_ptr,  # (B*F, G) fp32: the forward's per-frame partial statistics
+    ps1_ptr,  # (B*F*blocks_per_frame, C) fp32 out: sum of dy over the tile's pixels
+    ps2_ptr,  # (B*F*blocks_per_frame, C) fp32 out: sum of dy * xhat over the tile's pixels
+    C, P, F, G, eps, stride_dy_n,
+    F_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # GroupNorm-to-tokens backward, pass 1 of 2: per-channel partial sums on the forward's tiles (x read along
+    # pixels, dy along channels). Deterministic: one partial row per (frame, pixel block), no atomics.
+    bf, offs_p, offs_c, mask = _layout_tile(C, P, BLOCK_C, BLOCK_P)
+    x = tl.load(x_ptr + bf.to(tl.int64) * C * P + offs_c[:, None] * P + offs_p[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    mean, rstd = _video_group_moments(mean_ptr, m2_ptr, bf, offs_c, C, P, F, G, eps, F_PAD)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    dy = _load_tokens_transposed(dy_ptr, bf, offs_p, offs_c, C, P, stride_dy_n)
+    part = tl.program_id(0) * C + offs_c
+    tl.store(ps1_ptr + part, tl.sum(dy, axis=1), mask=offs_c < C)
+    tl.store(ps2_ptr + part, tl.sum(tl.where(mask, dy * xhat, 0.0), axis=1), mask=offs_c < C)
+
+
+@triton.jit
+def _tokens_group_norm_bwd_apply_kernel(
+    x_ptr,  # (B*F, C, H, W) contiguous: the forward's input
+    dy_ptr,  # (B*F*H*W, C) gradient of the token rows, row stride stride_dy_n
+    mean_ptr, m2_ptr,  # (B*F, G) fp32: the forward's per-frame partial statistics
+    w_ptr,  # (C,) GroupNorm weight (HAS_WEIGHT)
+    ca_ptr,  # (B, G) fp32: mean over the (video, group) of weight * dy
+    cb_ptr,  # (B, G) fp32: mean over the (video, group) of weight * dy * xhat
+    dx_ptr,  # (B*F, C, H, W) out
+    C, P, F, G, eps, stride_dy_n,
+    HAS_WEIGHT: tl.constexpr, F_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    # Pass 2 of 2: dx = rstd * (weight * dy - ca - xhat * cb), written in the video layout.
+    bf, offs_p, offs_c, mask = _layout_tile(C, P, BLOCK_C, BLOCK_P)
+    offs = bf.to(tl.int64) * C * P + offs_c[:, None] * P + offs_p[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean, rstd = _video_group_moments(mean_ptr, m2_ptr, bf, offs_c, C, P, F, G, eps, F_PAD)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    gdy = _load_tokens_transposed(dy_ptr, bf, offs_p, offs_c, C, P, stride_dy_n)
+    if HAS_WEIGHT:
+        gdy = gdy * tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None]
+    coef = (bf // F) * G + offs_c // (C // G)
+    ca = tl.load(ca_ptr + coef, mask=offs_c < C, other=0.0)
+    cb = tl.load(cb_ptr + coef, mask=offs_c < C, other=0.0)
+    dx = rstd[:, None] * (gdy - ca[:, None] - xhat * cb[:, None])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------- launchers
@@ -425,7 +491,9 @@ def _video_to_tokens(x: torch.Tensor, num_frames: int, stats: tuple[torch.Tensor
 
 
 def _group_norm_to_tokens_forward(x: torch.Tensor, num_frames: int, weight: torch.Tensor | None,
-                                  bias: torch.Tensor | None, groups: int, eps: float) -> torch.Tensor:
+                                  bias: torch.Tensor | None, groups: int, eps: float
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token rows and the per-frame partial statistics (mean, m2), (B*F, G) fp32, the backward reuses."""
     bf, c, h, w = x.shape
     chunk = (c // groups) * h * w
     mean = torch.empty((bf, groups), dtype=torch.float32, device=x.device)
@@ -433,7 +501,44 @@ def _group_norm_to_tokens_forward(x: torch.Tensor, num_frames: int, weight: torc
     # One fixed BLOCK: chunks are 160..10240 elements at the pixeldance shapes, and a half-masked pass over
     # a small chunk costs less than compiling (and checking) one more variant.
     _frame_group_stats_kernel[(bf * groups,)](x, mean, m2, chunk, BLOCK=_STATS_BLOCK, num_warps=4)
-    return _video_to_tokens(x, num_frames, (mean, m2), weight, bias, groups, eps)
+    return _video_to_tokens(x, num_frames, (mean, m2), weight, bias, groups, eps), mean, m2
+
+
+def _group_norm_to_tokens_backward(dy: torch.Tensor, x: torch.Tensor, num_frames: int, weight: torch.Tensor | None,
+                                   mean: torch.Tensor, m2: torch.Tensor, groups: int, eps: float,
+                                   needs: tuple[bool, bool, bool]) -> tuple:
+    """(dx, dweight, dbias) of the GroupNorm-to-tokens from the token gradient dy: per-channel partial sums
+    of dy and dy * xhat on the forward's tiles (one kernel), their per-(video, group) means over (B, C)-sized
+    tensors, then dx = rstd * (weight * dy - mean(weight * dy) - xhat * mean(weight * dy * xhat)) (one
+    kernel). The statistics are the forward's; nothing of the activation's size is recomputed in PyTorch."""
+    bf, c, h, w = x.shape
+    p, b, cpg = h * w, bf // num_frames, c // groups
+    blocks = triton.cdiv(p, _LAYOUT_BLOCK_P)
+    grid = (bf * blocks, triton.cdiv(c, _LAYOUT_BLOCK_C))
+    f_pad = triton.next_power_of_2(num_frames)
+    ps1 = torch.empty((bf * blocks, c), dtype=torch.float32, device=x.device)
+    ps2 = torch.empty_like(ps1)
+    _tokens_group_norm_bwd_reduce_kernel[grid](
+        x, dy, mean, m2, ps1, ps2, c, p, num_frames, groups, eps, dy.stride(0), F_PAD=f_pad,
+        BLOCK_C=_LAYOUT_BLOCK_C, BLOCK_P=_LAYOUT_BLOCK_P, num_warps=_LAYOUT_WARPS,
+    )
+    s1 = ps1.view(b, num_frames * blocks, c).sum(1)  # (B, C): sums of dy and dy * xhat per video
+    s2 = ps2.view(b, num_frames * blocks, c).sum(1)
+    dweight = s2.sum(0).to(weight.dtype) if needs[1] else None
+    dbias = s1.sum(0) if needs[2] else None
+    dx = None
+    if needs[0]:
+        scale = weight.float() if weight is not None else torch.ones(c, device=x.device)
+        n = cpg * num_frames * p
+        ca = (s1 * scale).view(b, groups, cpg).sum(-1) / n
+        cb = (s2 * scale).view(b, groups, cpg).sum(-1) / n
+        dx = torch.empty_like(x)
+        _tokens_group_norm_bwd_apply_kernel[grid](
+            x, dy, mean, m2, weight if weight is not None else ca, ca, cb, dx, c, p, num_frames, groups, eps,
+            dy.stride(0), HAS_WEIGHT=weight is not None, F_PAD=f_pad, BLOCK_C=_LAYOUT_BLOCK_C,
+            BLOCK_P=_LAYOUT_BLOCK_P, num_warps=_LAYOUT_WARPS,
+        )
+    return dx, dweight, dbias
 
 
 def _tokens_to_video_residual_forward(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -493,24 +598,27 @@ class _TemporalAttentionQKV(torch.autograd.Function):
 
 
 class _VideoGroupNormToTokens(torch.autograd.Function):
-    """Fused forward; the backward recomputes through the PyTorch reference (no backward kernel yet)."""
+    """Fused forward (statistics, then normalise-and-transpose); backward in two kernels on the saved
+    statistics (`_group_norm_to_tokens_backward`)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_frames, groups, eps):
-        ctx.save_for_backward(x, weight, bias)
+        y, mean, m2 = _group_norm_to_tokens_forward(x, num_frames, weight, bias, groups, eps)
+        ctx.save_for_backward(x, weight, mean, m2)
         ctx.args = (num_frames, groups, eps)
-        return _group_norm_to_tokens_forward(x, num_frames, weight, bias, groups, eps)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip((x, weight, bias), ctx.needs_input_grad[:3])]
-        with torch.enable_grad():
-            y = video_group_norm_to_tokens_ref(inputs[0], ctx.args[0], inputs[1], inputs[2], ctx.args[1], ctx.args[2])
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(y, wanted, dy))
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None, None)
+        x, weight, mean, m2 = ctx.saved_tensors
+        num_frames, groups, eps = ctx.args
+        needs = tuple(ctx.needs_input_grad[:3])
+        dx, dweight, dbias = _group_norm_to_tokens_backward(_unit_column_stride(dy), x, num_frames, weight, mean, m2,
+                                                            groups, eps, needs)
+        if dbias is not None:
+            dbias = dbias.to(ctx.bias_dtype)
+        return dx, dweight, dbias, None, None, None
 
 
 class _TokensToVideoResidual(torch.autograd.Function):
@@ -571,8 +679,8 @@ def video_group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.T
                                bias: torch.Tensor | None, groups: int, eps: float) -> torch.Tensor:
     """GroupNorm of x (B*F, C, H, W) with statistics per video (over C/G x F x H x W, fp32), written
     straight as token rows (B*F*H*W, C) in (b, f, p) order: `video_group_norm` + the permute copy in two
-    launches (per-frame partial statistics, then normalise-and-transpose). Autograd-aware; the backward
-    is PyTorch (the reference, recomputed), not a kernel."""
+    launches (per-frame partial statistics, then normalise-and-transpose). Autograd-aware: the backward is
+    two kernels on the saved statistics (partial sums, then dx) and a few (B, C)-sized reductions."""
     _check_video(x, num_frames)
     c = x.shape[1]
     if groups < 1 or c % groups:
@@ -628,7 +736,7 @@ def _(qkv, num_frames, heads, pixels, scale):
 
 def _group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           groups: int, eps: float) -> torch.Tensor:
-    return _group_norm_to_tokens_forward(x, num_frames, weight, bias, groups, eps)
+    return _group_norm_to_tokens_forward(x, num_frames, weight, bias, groups, eps)[0]
 
 
 _group_norm_to_tokens_op = torch.library.custom_op("pdengine::video_group_norm_to_tokens", _group_norm_to_tokens,
@@ -749,6 +857,21 @@ def _layout_compile_specs() -> list[CompileSpec]:
                 constexprs={"NORMALIZE": normalize, "HAS_WEIGHT": normalize, "HAS_BIAS": normalize, "F_PAD": 16,
                             "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P},
                 num_warps=_LAYOUT_WARPS, num_stages=1,
+            ))
+        bwd_sig = {"x_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "C": "i32",
+                   "P": "i32", "F": "i32", "G": "i32", "eps": "fp32", "stride_dy_n": "i32"}
+        blocks = {"F_PAD": 16, "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P}
+        for fn, extra, consts in (
+            (_tokens_group_norm_bwd_reduce_kernel, {"ps1_ptr": "*fp32", "ps2_ptr": "*fp32"}, blocks),
+            (_tokens_group_norm_bwd_apply_kernel,
+             {"w_ptr": "*fp32", "ca_ptr": "*fp32", "cb_ptr": "*fp32", "dx_ptr": f"*{dtype}"},
+             {"HAS_WEIGHT": True, **blocks}),
+        ):
+            types = {**bwd_sig, **extra, **{k: "constexpr" for k in consts}}
+            specs.append(CompileSpec(
+                name=f"{fn.__name__.strip('_').removesuffix('_kernel')}_{dtype}", fn=fn,
+                signature={name: types[name] for name in fn.arg_names},  # in the kernel's argument order
+                constexprs=consts, num_warps=_LAYOUT_WARPS, num_stages=1,
             ))
         specs.append(CompileSpec(
             name=f"tokens_to_video_residual_{dtype}", fn=_tokens_to_video_residual_kernel,

@@ -63,6 +63,11 @@ def test_bench_cuda_without_a_gpu_is_a_clear_error():
         assert "torch sees no CUDA device" in str(res.exception), (bench, res.exception)
 
 
+def test_bench_sample_unknown_provider_is_a_clear_error():
+    res = CliRunner().invoke(main, ["bench", "sample", "--device", "cpu", "--providers", "pdengine_graph,nope"])
+    assert res.exit_code != 0 and "unknown sample providers ['nope']" in res.output
+
+
 def test_layer_times_split_a_unet_call_by_layer_kind():
     """Every kind of layer is found (ours and diffusers' by class name), the kinds and `other` add up to the
     whole call, and a layer inside a counted layer counts only for the outer one."""

@@ -242,8 +242,12 @@ def test_group_norm_to_tokens_fp32(b, f, c, groups, h, w):
                               (x, weight, bias), dy)
     assert y.shape == (b * f * h * w, c) and y.is_contiguous()
     assert_close(y, y_ref, torch.float32, "tokens")
-    for name, got, want in zip(("dx", "dweight", "dbias"), (dx, dw, db), grads_ref):
-        assert_close(got, want, torch.float32, name)
+    assert_close(dx, grads_ref[0], torch.float32, "dx")
+    # dweight / dbias are sums over all B*F*H*W tokens (the reference sums in float64): an fp32 sum of n
+    # terms is accurate to ~1e-7 sqrt(n) of its terms' scale, so small entries get an absolute bound set by
+    # the largest gradient rather than by their own size.
+    for name, got, want in zip(("dweight", "dbias"), (dw, db), grads_ref[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
     # The reference is the model's own video GroupNorm followed by the permute it replaces.
     norm = torch.nn.GroupNorm(groups, c, eps=1e-6)
     with torch.no_grad():
@@ -263,6 +267,40 @@ def test_group_norm_to_tokens_bf16_and_no_affine():
                                ref.video_group_norm_to_tokens_ref(x.float(), f, weight, None, groups, 1e-5), "bf16")
     assert_close(ta.video_group_norm_to_tokens(x.float(), f, None, None, groups, 1e-5),
                  ref.video_group_norm_to_tokens_ref(x.float(), f, None, None, groups, 1e-5), torch.float32, "plain")
+
+
+def test_group_norm_to_tokens_backward_kernels_partial_grads_and_strided_dy():
+    """The two backward kernels: only x needs a gradient (no weight, no bias); then weight and bias only;
+    a token gradient with a row stride (a column slice) is read in place."""
+    b, f, c, groups, h, w = 2, 3, 10, 5, 3, 3
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(b * f, c, h, w, generator=g) * 0.5 - 4.0
+    weight = torch.randn(c, generator=g)
+    dy = torch.randn(b * f * h * w, 2 * c, generator=g)[:, c:]
+    (dx,) = _grads(lambda x: ta.video_group_norm_to_tokens(x, f, None, None, groups, 1e-5), (x,), dy)[1]
+    (dx_ref,) = _grads(lambda x: ref.video_group_norm_to_tokens_ref(x, f, None, None, groups, 1e-5), (x,), dy)[1]
+    assert_close(dx, dx_ref, torch.float32, "dx, no affine")
+    bias = torch.randn(c, generator=g)
+    got = _grads(lambda wt, bs: ta.video_group_norm_to_tokens(x, f, wt, bs, groups, 1e-5), (weight, bias), dy)[1]
+    want = _grads(lambda wt, bs: ref.video_group_norm_to_tokens_ref(x, f, wt, bs, groups, 1e-5), (weight, bias),
+                  dy)[1]
+    for name, gt, wn in zip(("dweight", "dbias"), got, want):
+        assert_close(gt, wn, torch.float32, name)
+
+
+def test_group_norm_to_tokens_backward_bf16():
+    b, f, c, groups, h, w = 2, 4, 12, 3, 5, 3
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(b * f, c, h, w, generator=g)
+    weight, bias = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    dy = torch.randn(b * f * h * w, c, generator=g)
+    got = _grads(lambda x: ta.video_group_norm_to_tokens(x, f, weight, bias, groups, 1e-5), (x.bfloat16(),),
+                 dy.bfloat16())[1][0]
+    lp = _grads(lambda x: ref.video_group_norm_to_tokens_ref(x, f, weight, bias, groups, 1e-5, upcast=False),
+                (x.bfloat16(),), dy.bfloat16())[1][0]
+    want = _grads(lambda x: ref.video_group_norm_to_tokens_ref(x, f, weight, bias, groups, 1e-5), (x,), dy)[1][0]
+    assert got.dtype == torch.bfloat16
+    assert_low_precision_close(got, lp, want, "dx bf16")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
