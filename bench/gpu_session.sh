@@ -47,7 +47,7 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
-on tests && timeout "${T_TESTS:-90}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
+on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 

@@ -215,7 +215,8 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
         row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
         if name.endswith("_compile"):
-            row["compile_mode"] = compile_mode
+            # Ours runs inside its own CUDA graph: a mode with Inductor graphs runs without them (StaticSampler).
+            row["compile_mode"] = samplers["graph_compile"].compile_mode if name.startswith("pdengine") else compile_mode
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()

@@ -24,6 +24,12 @@ import torch
 logger = logging.getLogger("pdengine")
 
 
+def compile_mode_inside_graph(mode: str | None) -> str | None:
+    """The torch.compile mode to use for a UNet whose calls this sampler captures in its own CUDA graph:
+    modes that make Inductor capture CUDA graphs of its own (which cannot nest inside ours) lose that part."""
+    return {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}.get(mode, mode)
+
+
 @dataclass(frozen=True)
 class Bucket:
     batch: int
@@ -47,13 +53,18 @@ class StaticSampler:
                  use_graph: bool = True, fused_update: bool | None = None, compile_backend: str | None = None,
                  compile_mode: str | None = None):
         self.unet, self.scheduler, self.bucket = unet, scheduler, bucket
+        self.device = torch.device(device)
+        self.use_graph = use_graph and self.device.type == "cuda"
         # torch.compile of the UNet (e.g. "inductor"): compiled during the warm-up before capture; the Triton
         # kernels enter the compiled graph as opaque operators (pdengine::*), so nothing breaks the graph.
         self.compile_backend = compile_backend
+        self.compile_mode = compile_mode_inside_graph(compile_mode) if self.use_graph else compile_mode
+        if self.compile_mode != compile_mode:
+            logger.info("pdengine sampler: compile mode %r -> %r inside the sampler's CUDA graph", compile_mode,
+                        self.compile_mode)
+        compile_mode = self.compile_mode
         self._unet_call = (torch.compile(unet, backend=compile_backend, mode=compile_mode, dynamic=False)
                            if compile_backend else unet)
-        self.device = torch.device(device)
-        self.use_graph = use_graph and self.device.type == "cuda"
         b, c, f, h, w = bucket.batch, bucket.channels, bucket.frames, bucket.height, bucket.width
         dt = bucket.dtype
         n = 2 * b if bucket.cfg else b

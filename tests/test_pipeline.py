@@ -235,6 +235,14 @@ def test_static_sampler_with_compiled_unet_equals_uncompiled(pipe):
     torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_modes_inside_the_sampler_graph_drop_inductor_graphs():
+    from pdengine.engine.graph_sampler import compile_mode_inside_graph
+
+    assert compile_mode_inside_graph("max-autotune") == "max-autotune-no-cudagraphs"
+    assert compile_mode_inside_graph("reduce-overhead") == "default"
+    assert compile_mode_inside_graph("default") == "default" and compile_mode_inside_graph(None) is None
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu):
     pipe_gpu = PixelDancePipeline.from_pretrained(tiny_pipeline_dir, device=gpu)
