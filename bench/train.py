@@ -1,8 +1,9 @@
 """`pdengine bench train`: our trainer's step against a reference diffusers training loop.
 
 On a GPU (one run, same batch): our UNet3D (Triton backend, activation checkpointing policy, fused AdamW,
-bf16 autocast with fp32 master weights; also with the temporal convs' GEMMs on cuBLAS) vs diffusers' `UNet3DConditionModel` + `torch.optim.AdamW`
-(bf16 autocast, fp32 master weights); peak memory per sample and samples/s.
+bf16 autocast with fp32 master weights; also with the temporal convs' GEMMs on cuBLAS, and the memory-lean
+setup: bf16 weights, full checkpointing) vs diffusers' `UNet3DConditionModel` + `torch.optim.AdamW` (bf16
+autocast, fp32 master weights); peak memory per sample and samples/s (`TRAIN_PROVIDERS`).
 
 On the CPU (no timing, no memory claim): saved-activation bytes per sample of one training forward,
 counted with `torch.autograd.graph.saved_tensors_hooks` on `meta` tensors at the `pixeldance` preset
@@ -96,6 +97,13 @@ def _cpu_rows(preset: str) -> list[dict[str, Any]]:
     return rows
 
 
+# pdengine: the trainer's defaults (fp32 master weights + bf16 autocast, attention checkpointing, fused AdamW);
+# pdengine_cublas_conv: the same with the temporal convs' GEMMs on cuBLAS; pdengine_lean: the memory-lean
+# setup (--pure-bf16 weights and optimizer state, full checkpointing); diffusers_reference: UNet3DConditionModel
+# + torch AdamW, fp32 master + bf16 autocast, no checkpointing.
+TRAIN_PROVIDERS = ("pdengine", "pdengine_cublas_conv", "pdengine_lean", "diffusers_reference")
+
+
 def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma: no cover - GPU
     from pdengine.engine.schedulers import default_scheduler
     from pdengine.kernels.temporal_conv import conv_gemm
@@ -105,9 +113,13 @@ def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any
     abar = default_scheduler("ddpm").alphas_cumprod.to("cuda")
     rows = []
     for b in batches:
-        for provider in ("pdengine", "pdengine_cublas_conv", "diffusers_reference"):
+        for provider in TRAIN_PROVIDERS:
+            lean = provider == "pdengine_lean"
             row: dict[str, Any] = {"bench": "train", "device": "cuda", "preset": preset, "provider": provider,
-                                   "batch": b, "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+                                   "batch": b, "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}",
+                                   "weights": "bf16" if lean else "fp32 master + bf16 autocast",
+                                   "checkpointing": ("full" if lean else "attention") if provider != "diffusers_reference"
+                                   else "none"}
             try:
                 # pdengine_cublas_conv: the temporal convs' GEMMs (forward and backward) on cuBLAS.
                 with conv_gemm("cublas" if provider == "pdengine_cublas_conv" else "triton"):
@@ -135,9 +147,12 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
     ours = provider.startswith("pdengine")
     # Both models are initialised on the GPU: a 1.4B-parameter CPU init costs tens of seconds of lease.
     if ours:
+        lean = provider == "pdengine_lean"
         with torch.device(dev):
             model = UNet3D(cfg, backend="auto").train()
-        apply_activation_checkpointing(model, "attention")
+        if lean:
+            model.to(torch.bfloat16)
+        apply_activation_checkpointing(model, "full" if lean else "attention")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     else:
         with torch.device(dev):

@@ -670,8 +670,8 @@ def temporal_attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, scale
     head_dim = _check_attention_inputs(qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:], num_frames,
                                        heads, pixels)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if _inference_op(qkv):
-        return _attention_qkv_op(qkv, num_frames, heads, pixels, scale)
+    if _as_operator():
+        return _attention_qkv_op(qkv, num_frames, heads, pixels, scale)[0]
     return _TemporalAttentionQKV.apply(qkv, num_frames, heads, pixels, scale)[0]
 
 
@@ -688,8 +688,8 @@ def video_group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.T
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (c,) or p.device != x.device):
             raise ValueError(f"{name} must be ({c},) on {x.device}, got {tuple(p.shape)} on {p.device}")
-    if _inference_op(x, weight, bias):
-        return _group_norm_to_tokens_op(x, num_frames, weight, bias, groups, float(eps))
+    if _as_operator():
+        return _group_norm_to_tokens_op(x, num_frames, weight, bias, groups, float(eps))[0]
     return _VideoGroupNormToTokens.apply(x, weight, bias, num_frames, groups, float(eps))
 
 
@@ -704,26 +704,28 @@ def tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) 
                          f"strides {t.stride()}")
     if t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"t and x must share dtype and device, got {t.dtype}/{t.device} and {x.dtype}/{x.device}")
-    if _inference_op(t, x):
+    if _as_operator():
         return _tokens_to_video_residual_op(t, x, num_frames)
     return _TokensToVideoResidual.apply(t, x, num_frames)
 
 
 # ------------------------------------------------------------------------------- operators for torch.compile
-# Without autograd, under torch.compile, each entry point above is one opaque operator: traced code sees a
-# node with shapes from the fake implementation instead of walking into the launchers and kernels (which
-# Dynamo cannot trace on the CPU interpreter). Eager calls skip the dispatcher.
+# Under torch.compile each entry point above is one opaque operator with its backward registered (a second
+# operator where the backward runs kernels): traced code sees nodes with shapes from the fake implementations
+# instead of walking into the launchers and kernels (which Dynamo cannot trace on the CPU interpreter), for
+# inference and training alike. Eager calls skip the dispatcher and use the autograd Functions above.
 
 
-def _inference_op(*tensors: torch.Tensor | None) -> bool:
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return torch.compiler.is_compiling() and not needs_grad
+def _as_operator() -> bool:
+    """Calls go through the operators only inside a torch.compile trace."""
+    return torch.compiler.is_compiling()
 
 
-def _attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, pixels: int, scale: float) -> torch.Tensor:
+def _attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, pixels: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     width = qkv.shape[1] // 3
     return _attention_forward(qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:], num_frames, heads,
-                              pixels, scale)[0]
+                              pixels, scale)
 
 
 _attention_qkv_op = torch.library.custom_op("pdengine::temporal_attention_qkv", _attention_qkv, mutates_args=())
@@ -731,22 +733,91 @@ _attention_qkv_op = torch.library.custom_op("pdengine::temporal_attention_qkv", 
 
 @_attention_qkv_op.register_fake
 def _(qkv, num_frames, heads, pixels, scale):
-    return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3))
+    return (qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3)),
+            qkv.new_empty((heads, qkv.shape[0]), dtype=torch.float32))
 
 
-def _group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                          groups: int, eps: float) -> torch.Tensor:
-    return _group_norm_to_tokens_forward(x, num_frames, weight, bias, groups, eps)[0]
+def _attention_qkv_backward(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_frames: int,
+                            heads: int, pixels: int, scale: float) -> torch.Tensor:
+    width = qkv.shape[1] // 3
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    parts = [(t[:, :width], t[:, width:2 * width], t[:, 2 * width:]) for t in (qkv, dqkv)]
+    _attention_backward(*parts[0], o, lse, _unit_column_stride(do), num_frames, heads, pixels, scale, *parts[1])
+    return dqkv
 
 
-_group_norm_to_tokens_op = torch.library.custom_op("pdengine::video_group_norm_to_tokens", _group_norm_to_tokens,
-                                                   mutates_args=())
+_attention_qkv_backward_op = torch.library.custom_op("pdengine::temporal_attention_qkv_backward",
+                                                     _attention_qkv_backward, mutates_args=())
+
+
+@_attention_qkv_backward_op.register_fake
+def _(do, qkv, o, lse, num_frames, heads, pixels, scale):
+    return torch.empty_like(qkv)
+
+
+def _attention_qkv_setup(ctx, inputs, output):
+    qkv, num_frames, heads, pixels, scale = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.args = (num_frames, heads, pixels, scale)
+
+
+def _attention_qkv_grad(ctx, do, _dlse):
+    qkv, o, lse = ctx.saved_tensors
+    return _attention_qkv_backward_op(do, qkv, o, lse, *ctx.args), None, None, None, None
+
+
+_attention_qkv_op.register_autograd(_attention_qkv_grad, setup_context=_attention_qkv_setup)
+
+
+_group_norm_to_tokens_op = torch.library.custom_op("pdengine::video_group_norm_to_tokens",
+                                                   _group_norm_to_tokens_forward, mutates_args=())
 
 
 @_group_norm_to_tokens_op.register_fake
 def _(x, num_frames, weight, bias, groups, eps):
     bf, c, h, w = x.shape
-    return x.new_empty((bf * h * w, c))
+    stats = x.new_empty((bf, groups), dtype=torch.float32)
+    return x.new_empty((bf * h * w, c)), stats, torch.empty_like(stats)
+
+
+def _group_norm_to_tokens_grads(dy: torch.Tensor, x: torch.Tensor, num_frames: int, weight: torch.Tensor | None,
+                                mean: torch.Tensor, m2: torch.Tensor, groups: int, eps: float,
+                                needs: list[bool]) -> list[torch.Tensor]:
+    """[dx, dweight, dbias]; one that was not needed is an empty tensor."""
+    grads = _group_norm_to_tokens_backward(_unit_column_stride(dy), x, num_frames, weight, mean, m2, groups, eps,
+                                           tuple(needs))
+    return [g if g is not None else dy.new_empty(0) for g in grads]
+
+
+_group_norm_to_tokens_backward_op = torch.library.custom_op("pdengine::video_group_norm_to_tokens_backward",
+                                                            _group_norm_to_tokens_grads, mutates_args=())
+
+
+@_group_norm_to_tokens_backward_op.register_fake
+def _(dy, x, num_frames, weight, mean, m2, groups, eps, needs):
+    c = x.shape[1]
+    shapes = (x.shape, (c,), (c,))
+    dtypes = (x.dtype, weight.dtype if weight is not None else torch.float32, torch.float32)
+    return [x.new_empty(shape, dtype=dt) if need else dy.new_empty(0) for shape, dt, need in zip(shapes, dtypes, needs)]
+
+
+def _group_norm_to_tokens_setup(ctx, inputs, output):
+    x, num_frames, weight, bias, groups, eps = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.args = (num_frames, groups, eps)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _group_norm_to_tokens_grad(ctx, dy, _dmean, _dm2):
+    x, weight, mean, m2 = ctx.saved_tensors
+    num_frames, groups, eps = ctx.args
+    needs = [bool(ctx.needs_input_grad[i]) for i in (0, 2, 3)]
+    dx, dweight, dbias = _group_norm_to_tokens_backward_op(dy, x, num_frames, weight, mean, m2, groups, eps, needs)
+    return (dx if needs[0] else None, None, dweight if needs[1] else None,
+            dbias.to(ctx.bias_dtype) if needs[2] else None, None, None)
+
+
+_group_norm_to_tokens_op.register_autograd(_group_norm_to_tokens_grad, setup_context=_group_norm_to_tokens_setup)
 
 
 def _tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -760,6 +831,33 @@ _tokens_to_video_residual_op = torch.library.custom_op("pdengine::tokens_to_vide
 @_tokens_to_video_residual_op.register_fake
 def _(t, x, num_frames):
     return torch.empty_like(x)
+
+
+def _video_to_tokens_copy(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    return _video_to_tokens(x.contiguous(), num_frames, None, None, None, 1, 0.0)
+
+
+_video_to_tokens_op = torch.library.custom_op("pdengine::video_to_tokens", _video_to_tokens_copy, mutates_args=())
+
+
+@_video_to_tokens_op.register_fake
+def _(x, num_frames):
+    bf, c, h, w = x.shape
+    return x.new_empty((bf * h * w, c))
+
+
+def _tokens_to_video_residual_setup(ctx, inputs, output):
+    ctx.num_frames = inputs[2]
+
+
+def _tokens_to_video_residual_grad(ctx, dout):
+    # d(x + layout(t)) = (dout, layout^-1(dout)): the token gradient is the transpose-copy kernel.
+    dt = _video_to_tokens_op(dout, ctx.num_frames) if ctx.needs_input_grad[0] else None
+    return dt, dout if ctx.needs_input_grad[1] else None, None
+
+
+_tokens_to_video_residual_op.register_autograd(_tokens_to_video_residual_grad,
+                                               setup_context=_tokens_to_video_residual_setup)
 
 
 def modeled_bytes(batch: int, num_frames: int, pixels: int, heads: int, head_dim: int,

@@ -1145,6 +1145,39 @@ def _block_forward(x: torch.Tensor, num_frames: int, norms: Sequence, weights: S
 # --------------------------------------------------------------------------------------------------------
 
 
+def _block_backward(dout: torch.Tensor, inputs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                    gammas: Sequence[torch.Tensor], betas: Sequence[torch.Tensor],
+                    weight_params: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                    stats: Sequence[GroupNormStats], num_frames: int, groups: int, dropout_p: float, seed: int,
+                    need_weight: Sequence[bool], need_input: bool) -> tuple:
+    """The block's backward from the saved stage inputs and statistics: (dx, dgammas, dbetas, dweights,
+    dbiases), lists of 4, None where not needed. need_weight[s]: stage s's conv weight or bias trains (frozen
+    convs skip the weight-gradient GEMM); need_input: x or stage 1's GroupNorm trains."""
+    dout = dout.contiguous()
+    dgammas, dbetas, dws, dbs = [None] * 4, [None] * 4, [None] * 4, [None] * 4
+    g = dout
+    cublas = _CONV_GEMM["backward"] == "cublas"
+    for s in (3, 2, 1, 0):
+        p = dropout_p if s > 0 else 0.0
+        stage_seed = _stage_seed(seed, s)
+        stage_input = s > 0 or need_input
+        if cublas:
+            g, dgammas[s], dbetas[s], dws[s], dbs[s] = _stage_backward_cublas(
+                g, weights[s], inputs[s], num_frames, stats[s], gammas[s], betas[s], groups, p, stage_seed,
+                dout if s == 0 else None, weight_params[s], biases[s], need_weight[s], stage_input)
+            continue
+        if need_weight[s]:
+            dws[s], dbs[s] = _stage_wgrad(g, inputs[s], num_frames, stats[s], weight_params[s], biases[s], p,
+                                          stage_seed)
+        if stage_input:
+            g, dgammas[s], dbetas[s] = _stage_dgrad(g, weights[s], inputs[s], num_frames, stats[s], gammas[s],
+                                                    betas[s], groups, p, stage_seed,
+                                                    residual_grad=dout if s == 0 else None)
+        else:
+            g = None
+    return g, dgammas, dbetas, dws, dbs
+
+
 class _TemporalConvBlockFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_frames, groups, eps, dropout_p, seed, *params):
@@ -1164,34 +1197,105 @@ class _TemporalConvBlockFn(torch.autograd.Function):
         saved = ctx.saved_tensors
         inputs, weights, gammas, betas = saved[0:4], saved[4:8], saved[8:12], saved[12:16]
         weight_params, biases, flat = saved[16:20], saved[20:24], saved[24:]
-        n = len(GroupNormStats._fields)
-        stats = [GroupNormStats(*flat[n * s:n * (s + 1)]) for s in range(4)]
-        dout = dout.contiguous()
         # needs_input_grad: x, five non-tensor arguments, then gammas (6..9), betas, weights, biases.
         needs = ctx.needs_input_grad
-        dgammas, dbetas, dws, dbs = [None] * 4, [None] * 4, [None] * 4, [None] * 4
-        g = dout
-        cublas = _CONV_GEMM["backward"] == "cublas"
-        for s in (3, 2, 1, 0):
-            p = dropout_p if s > 0 else 0.0
-            stage_seed = _stage_seed(seed, s)
-            need_weight = needs[14 + s] or needs[18 + s]  # frozen convs skip the weight-gradient GEMM
-            need_input = s > 0 or needs[0] or needs[6] or needs[10]
-            if cublas:
-                g, dgammas[s], dbetas[s], dws[s], dbs[s] = _stage_backward_cublas(
-                    g, weights[s], inputs[s], num_frames, stats[s], gammas[s], betas[s], groups, p, stage_seed,
-                    dout if s == 0 else None, weight_params[s], biases[s], need_weight, need_input)
-                continue
-            if need_weight:
-                dws[s], dbs[s] = _stage_wgrad(g, inputs[s], num_frames, stats[s], weight_params[s], biases[s], p,
-                                              stage_seed)
-            if need_input:
-                g, dgammas[s], dbetas[s] = _stage_dgrad(g, weights[s], inputs[s], num_frames, stats[s],
-                                                        gammas[s], betas[s], groups, p, stage_seed,
-                                                        residual_grad=dout if s == 0 else None)
-            else:
-                g = None
-        return (g, None, None, None, None, None, *dgammas, *dbetas, *dws, *dbs)
+        dx, dgammas, dbetas, dws, dbs = _block_backward(
+            dout, inputs, weights, gammas, betas, weight_params, biases, _unflatten_stats(flat), num_frames, groups,
+            dropout_p, seed, [needs[14 + s] or needs[18 + s] for s in range(4)], needs[0] or needs[6] or needs[10])
+        return (dx, None, None, None, None, None, *dgammas, *dbetas, *dws, *dbs)
+
+
+def _unflatten_stats(flat: Sequence[torch.Tensor]) -> list[GroupNormStats]:
+    n = len(GroupNormStats._fields)
+    return [GroupNormStats(*flat[n * s:n * (s + 1)]) for s in range(len(flat) // n)]
+
+
+# The trainable block as operators for torch.compile (training under compile): the forward returns the
+# output and what the backward reads (stage inputs y1..y3 and the statistics, fresh tensors), the backward is
+# a second operator; Dynamo and AOTAutograd see two opaque nodes instead of the launchers. The dropout seed
+# is a tensor so that a seed drawn inside a compiled region stays in the graph.
+
+
+def _block_train(x: torch.Tensor, num_frames: int, gammas: list[torch.Tensor], betas: list[torch.Tensor],
+                 weights: list[torch.Tensor], biases: list[torch.Tensor], groups: int, eps: float, dropout_p: float,
+                 seed: torch.Tensor) -> list[torch.Tensor]:
+    packed = [_weight3(w, x.dtype) for w in weights]
+    out, inputs, stats = _block_forward(x, num_frames, list(zip(gammas, betas)), packed, biases, groups, eps,
+                                        dropout_p, int(seed), keep=True)
+    # Outputs may not alias each other: the statistics' center / scale / shift share one allocation.
+    return [out, *inputs[1:], *(t.clone() for st in stats for t in st)]
+
+
+_block_train_op = torch.library.custom_op("pdengine::temporal_conv_block_train", _block_train, mutates_args=())
+
+
+@_block_train_op.register_fake
+def _(x, num_frames, gammas, betas, weights, biases, groups, eps, dropout_p, seed):
+    b, c = x.shape[0] // num_frames, x.shape[1]
+    groups_stats = [x.new_empty((b, groups), dtype=torch.float32)] * 2
+    channel_stats = [x.new_empty((b, c), dtype=torch.float32)] * 3
+    return [torch.empty_like(x) for _ in range(4)] + [torch.empty_like(t) for _ in range(4)
+                                                      for t in (*groups_stats, *channel_stats)]
+
+
+def _block_train_backward(dout: torch.Tensor, saved: list[torch.Tensor], gammas: list[torch.Tensor],
+                          betas: list[torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor],
+                          num_frames: int, groups: int, dropout_p: float, seed: torch.Tensor,
+                          need_weight: list[bool], need_input: bool) -> list[torch.Tensor]:
+    """[dx, 4 dgammas, 4 dbetas, 4 dweights, 4 dbiases]; a gradient that was not needed is an empty tensor."""
+    inputs, flat = saved[:4], saved[4:]
+    packed = [_weight3(w, inputs[0].dtype) for w in weights]
+    dx, dgammas, dbetas, dws, dbs = _block_backward(
+        dout, inputs, packed, gammas, betas, weights, biases, _unflatten_stats(flat), num_frames, groups, dropout_p,
+        int(seed), need_weight, need_input)
+    empty = dout.new_empty(0)
+    return [t if t is not None else empty.clone() for t in (dx, *dgammas, *dbetas, *dws, *dbs)]
+
+
+_block_train_backward_op = torch.library.custom_op("pdengine::temporal_conv_block_train_backward",
+                                                   _block_train_backward, mutates_args=())
+
+
+@_block_train_backward_op.register_fake
+def _(dout, saved, gammas, betas, weights, biases, num_frames, groups, dropout_p, seed, need_weight, need_input):
+    def like(t: torch.Tensor, needed: bool) -> torch.Tensor:
+        return torch.empty_like(t) if needed else dout.new_empty(0)
+
+    stage0 = need_input
+    return [like(saved[0], need_input), *(like(g, s > 0 or stage0) for s, g in enumerate(gammas)),
+            *(like(b, s > 0 or stage0) for s, b in enumerate(betas)),
+            *(like(w, need_weight[s]) for s, w in enumerate(weights)),
+            *(like(b, need_weight[s]) for s, b in enumerate(biases))]
+
+
+def _block_train_setup(ctx, inputs, output):
+    x, num_frames, gammas, betas, weights, biases, groups, eps, dropout_p, seed = inputs
+    ctx.save_for_backward(x, *output[1:], *gammas, *betas, *weights, *biases, seed)
+    ctx.cfg = (num_frames, groups, dropout_p, len(output) - 1)
+
+
+def _block_train_grad(ctx, grads):
+    num_frames, groups, dropout_p, n_saved = ctx.cfg
+    saved = ctx.saved_tensors
+    x, rest = saved[0], saved[1:]
+    kept, params, seed = rest[:n_saved], rest[n_saved:-1], rest[-1]
+    gammas, betas, weights, biases = params[0:4], params[4:8], params[8:12], params[12:16]
+    needs = ctx.needs_input_grad  # per input, lists for the list inputs
+    need_weight = [needs[4][s] or needs[5][s] for s in range(4)]
+    need_input = needs[0] or needs[2][0] or needs[3][0]
+    out = _block_train_backward_op(grads[0], [x, *kept], list(gammas), list(betas), list(weights), list(biases),
+                                   num_frames, groups, dropout_p, seed, need_weight, need_input)
+    dx, dgammas, dbetas, dws, dbs = out[0], out[1:5], out[5:9], out[9:13], out[13:17]
+
+    def pick(ts, flags):
+        return [t if f else None for t, f in zip(ts, flags)]
+
+    stage_input = [s > 0 or need_input for s in range(4)]
+    return (dx if needs[0] else None, None, pick(dgammas, stage_input), pick(dbetas, stage_input),
+            pick(dws, need_weight), pick(dbs, need_weight), None, None, None, None)
+
+
+_block_train_op.register_autograd(_block_train_grad, setup_context=_block_train_setup)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1250,28 +1354,34 @@ def temporal_conv_block(
                              f"C={c}, got {tuple(weight.shape)}, {tuple(bias.shape)}, {tuple(gamma.shape)}, "
                              f"{tuple(beta.shape)}")
     p = dropout_p if training else 0.0
-    if p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 8, ()))
-    seed = 0 if seed is None else int(seed)
-    if not 0 <= seed < 2**31 - 4:
+    if seed is not None and not 0 <= int(seed) < 2**31 - 4:
         raise ValueError(f"seed must be in [0, 2**31 - 4), got {seed}")
+    gammas = [n[0] for n in norms]
+    betas = [n[1] for n in norms]
+    weights = [cv[0] for cv in convs]
+    biases = [cv[1] for cv in convs]
+    params = [*gammas, *betas, *weights, *biases]
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
     # The kernels index a launch with int32: a batch past 2**31 elements runs as several launches over whole
     # videos (statistics and convolutions never cross videos, so this is exact); each chunk gets its own
     # dropout seeds so masks do not repeat.
     per_video = num_frames * x[0].numel()
     max_rows = (_MAX_LAUNCH_ELEMENTS // per_video) * num_frames
+    if needs_grad and torch.compiler.is_compiling() and x.shape[0] <= max_rows:
+        # Training under torch.compile: one operator pair (see _block_train); a seed drawn here stays a tensor
+        # in the graph (int() of it would break the graph).
+        seed_t = torch.randint(0, 2**31 - 8, ()) if p > 0 and seed is None else torch.tensor(int(seed or 0))
+        return _block_train_op(x.contiguous(), num_frames, gammas, betas, weights, biases, groups, eps, p, seed_t)[0]
+    if p > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 8, ()))
+    seed = 0 if seed is None else int(seed)
     if x.shape[0] > max_rows:
         parts = [temporal_conv_block(part, num_frames, norms, convs, groups=groups, eps=eps, dropout_p=dropout_p,
                                      seed=(seed + 4 * i) % (2**31 - 8), training=training)
                  for i, part in enumerate(x.split(max_rows))]
         return torch.cat(parts)
     x = x.contiguous()
-    gammas = [n[0] for n in norms]
-    betas = [n[1] for n in norms]
-    weights = [cv[0] for cv in convs]
-    biases = [cv[1] for cv in convs]
-    params = [*gammas, *betas, *weights, *biases]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
+    if needs_grad:
         return _TemporalConvBlockFn.apply(x, num_frames, groups, eps, p, seed, *params)
     if torch.compiler.is_compiling():
         return _block_inference_op(x, num_frames, gammas, betas, weights, biases, groups, eps, p, seed)

@@ -281,6 +281,23 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_pipeline_dir, cache_di
                                _weights(tmp_path / "big" / "final" / "unet"), common["lr"], common["steps"], "accum")
 
 
+def test_compiled_unet_trains_like_the_eager_one(tiny_pipeline_dir, cache_dir, tmp_path, monkeypatch):
+    """--compile wires torch.compile around what the forward calls: the same losses as without (dropout off;
+    the aot_eager backend traces forward and backward like Inductor but runs them eagerly: no C++ build on
+    the CPU). The kernels' operators under compile are checked in test_unet3d_backends."""
+    import torch._dynamo
+
+    monkeypatch.setattr(trainer, "COMPILE_BACKEND", "aot_eager")
+    common = dict(steps=2, save_every=0, dropout=0.0, backend="torch")
+    plain = train(_cfg(tiny_pipeline_dir, cache_dir, tmp_path / "plain", **common))
+    torch._dynamo.reset()
+    compiled = train(_cfg(tiny_pipeline_dir, cache_dir, tmp_path / "compiled", compile=True, **common))
+    torch._dynamo.reset()
+    np.testing.assert_allclose(compiled["losses"], plain["losses"], rtol=1e-4)
+    _assert_same_weights(_weights(tmp_path / "compiled" / "final" / "unet"),
+                         _weights(tmp_path / "plain" / "final" / "unet"), "compiled vs eager", scale=3.0)
+
+
 @pytest.mark.parametrize("source", ["sd", "modelscope", "preset+components", "preset"])
 def test_every_init_source_trains_to_a_model_folder(source, cache_dir, tiny_pipeline_dir, tiny_modelscope_dir,
                                                     tmp_path):

@@ -69,6 +69,8 @@ def _options(f):
         click.option("--ema-device", type=click.Choice(["gpu", "cpu"]), default=_D.ema_device,
                      help="Where the EMA weights live."),
         click.option("--fsdp", is_flag=True, default=_D.fsdp, help="Shard with FSDP2 instead of DDP (CUDA)."),
+        click.option("--compile", is_flag=True, default=_D.compile,
+                     help="torch.compile the UNet (Inductor; the first steps pay the compile time)."),
         click.option("--save-every", type=int, default=_D.save_every, help="Checkpoint every N steps (0: never)."),
         click.option("--keep", type=int, default=_D.keep, help="Checkpoints kept."),
         click.option("--resume", is_flag=True, default=_D.resume, help="Continue from the last complete checkpoint."),

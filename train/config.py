@@ -96,6 +96,7 @@ class TrainConfig:
     ema: float | None = None  # EMA decay (None: no EMA)
     ema_device: str = "gpu"  # gpu: beside the weights; cpu: in host memory
     fsdp: bool = False  # shard parameters, gradients and optimizer state with FSDP2 instead of DDP
+    compile: bool = False  # torch.compile the UNet (Inductor); the Triton kernels enter as operators
 
     # --- robustness and logging
     save_every: int = 500  # 0: only the final weights

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 STATE_FORMAT = "pdengine-trainer-state"
 STATE_VERSION = 1
 METRICS_NAME = "metrics.jsonl"
+COMPILE_BACKEND = "inductor"  # torch.compile backend of --compile
 # The empty prompt's text embedding, stored beside a latent cache (the trainer needs it for the text
 # drop, and a cache-only run has no text encoder to compute it).
 UNCOND_NAME = "uncond.safetensors"
@@ -632,6 +633,9 @@ class _Run:
             # Image steps bypass the temporal layers: their parameters get no gradient then.
             self.model = DDP(unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                              find_unused_parameters=self.image is not None)
+        if cfg.compile:
+            # Wraps whatever the forward calls (DDP or FSDP included); video and image steps compile once each.
+            self.model = torch.compile(self.model, backend=COMPILE_BACKEND, dynamic=False)
 
     def _build_optimizer(self, tensors: dict) -> None:
         cfg = self.cfg
