@@ -102,9 +102,13 @@ def _cpu_rows(preset: str) -> list[dict[str, Any]]:
 # setup (--pure-bf16 weights and optimizer state, full checkpointing); diffusers_reference: UNet3DConditionModel
 # + torch AdamW, fp32 master + bf16 autocast, no checkpointing.
 TRAIN_PROVIDERS = ("pdengine", "pdengine_cublas_conv", "pdengine_lean", "diffusers_reference")
+# On request only (--providers): pdengine_compile, the defaults under torch.compile (Inductor compiles the
+# 1.4B-parameter forward and backward first: minutes).
+OPTIONAL_PROVIDERS = ("pdengine_compile",)
 
 
-def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any]]:  # pragma: no cover - GPU
+def _gpu_rows(preset: str, batches: list[int], steps: int,
+              providers: tuple[str, ...] = TRAIN_PROVIDERS) -> list[dict[str, Any]]:  # pragma: no cover - GPU
     from pdengine.engine.schedulers import default_scheduler
     from pdengine.kernels.temporal_conv import conv_gemm
     from pdengine.model import preset_config
@@ -113,7 +117,7 @@ def _gpu_rows(preset: str, batches: list[int], steps: int) -> list[dict[str, Any
     abar = default_scheduler("ddpm").alphas_cumprod.to("cuda")
     rows = []
     for b in batches:
-        for provider in TRAIN_PROVIDERS:
+        for provider in providers:
             lean = provider == "pdengine_lean"
             row: dict[str, Any] = {"bench": "train", "device": "cuda", "preset": preset, "provider": provider,
                                    "batch": b, "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}",
@@ -154,6 +158,8 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
             model.to(torch.bfloat16)
         apply_activation_checkpointing(model, "full" if lean else "attention")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        if provider == "pdengine_compile":
+            model = torch.compile(model, dynamic=False)
     else:
         with torch.device(dev):
             model = UNet3DConditionModel(**{k: v for k, v in cfg.items() if k != "sample_size"}).train()
@@ -188,10 +194,16 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
 
 
 def run_train_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,
-                    preset: str = "pixeldance", batches: list[int] | None = None, steps: int = 5) -> list[dict]:
+                    preset: str = "pixeldance", batches: list[int] | None = None, steps: int = 5,
+                    providers: list[str] | None = None) -> list[dict]:
+    unknown = sorted(set(providers or ()) - set(TRAIN_PROVIDERS + OPTIONAL_PROVIDERS))
+    if unknown:
+        raise ValueError(f"unknown train providers {unknown}; choose from "
+                         f"{', '.join(TRAIN_PROVIDERS + OPTIONAL_PROVIDERS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for the proxies")
-    rows = _gpu_rows(preset, batches or [1, 2, 4], steps) if device == "cuda" else _cpu_rows(preset)
+    chosen = tuple(providers) if providers else TRAIN_PROVIDERS
+    rows = _gpu_rows(preset, batches or [1, 2, 4], steps, chosen) if device == "cuda" else _cpu_rows(preset)
     stamp = env_info(device)
     rows = [{**r, **stamp} for r in rows]
     if json_path is not None:

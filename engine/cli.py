@@ -231,7 +231,9 @@ def bench_sample(device, json_path, csv_path, batches, steps, compile_mode, prov
 @click.option("--preset", default="pixeldance", type=click.Choice(["pixeldance", "small", "tiny"]))
 @click.option("--batch", "batches", multiple=True, type=int, help="Batch sizes on the GPU.  [default: 1 2 4]")
 @click.option("--steps", default=5, help="Timed optimizer steps per setup (GPU).")
-def bench_train(device, json_path, csv_path, preset, batches, steps):
+@click.option("--providers", help="Comma-separated GPU setups (pdengine, pdengine_cublas_conv, pdengine_lean, "
+                                  "diffusers_reference, pdengine_compile).  [default: all but pdengine_compile]")
+def bench_train(device, json_path, csv_path, preset, batches, steps, providers):
     """Training step of our trainer vs a reference diffusers loop (same batch)."""
     from pathlib import Path
 
@@ -241,8 +243,12 @@ def bench_train(device, json_path, csv_path, preset, batches, steps):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rows = run_train_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
-                           preset, list(batches) or None, steps)
+    try:
+        rows = run_train_bench(device, Path(json_path) if json_path else None, Path(csv_path) if csv_path else None,
+                               preset, list(batches) or None, steps,
+                               [p.strip() for p in providers.split(",")] if providers else None)
+    except ValueError as e:
+        _fail(e)
     for r in rows:
         keys = [k for k in ("provider", "checkpointing", "batch", "status", "saved_activation_gib_per_sample",
                             "saved_ratio_vs_reference", "samples_per_s", "peak_memory_gib_per_sample") if k in r]

@@ -1311,9 +1311,9 @@ def _check_x(x: torch.Tensor, num_frames: int) -> None:
         raise ValueError(f"x must be (B*F, C, H, W), got shape {tuple(x.shape)}")
     if num_frames < 1 or x.shape[0] % num_frames != 0:
         raise ValueError(f"x has {x.shape[0]} rows, not a multiple of num_frames={num_frames}")
-    if num_frames * x[0].numel() > _MAX_LAUNCH_ELEMENTS:
+    if (num_frames + 2) * x[0].numel() > _MAX_LAUNCH_ELEMENTS:
         raise ValueError(f"one video has {num_frames * x[0].numel()} elements; the kernels index with int32 "
-                         "(< 2**31)")
+                         "(< 2**31, with two frames of padding)")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"unsupported dtype {x.dtype} (fp32, fp16, bf16)")
 
@@ -1364,8 +1364,8 @@ def temporal_conv_block(
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
     # The kernels index a launch with int32: a batch past 2**31 elements runs as several launches over whole
     # videos (statistics and convolutions never cross videos, so this is exact); each chunk gets its own
-    # dropout seeds so masks do not repeat.
-    per_video = num_frames * x[0].numel()
+    # dropout seeds so masks do not repeat. Counted with the cuBLAS variant's two padding frames per video.
+    per_video = (num_frames + 2) * x[0].numel()
     max_rows = (_MAX_LAUNCH_ELEMENTS // per_video) * num_frames
     if needs_grad and torch.compiler.is_compiling() and x.shape[0] <= max_rows:
         # Training under torch.compile: one operator pair (see _block_train); a seed drawn here stays a tensor

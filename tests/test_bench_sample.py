@@ -63,9 +63,11 @@ def test_bench_cuda_without_a_gpu_is_a_clear_error():
         assert "torch sees no CUDA device" in str(res.exception), (bench, res.exception)
 
 
-def test_bench_sample_unknown_provider_is_a_clear_error():
+def test_bench_unknown_provider_is_a_clear_error():
     res = CliRunner().invoke(main, ["bench", "sample", "--device", "cpu", "--providers", "pdengine_graph,nope"])
     assert res.exit_code != 0 and "unknown sample providers ['nope']" in res.output
+    res = CliRunner().invoke(main, ["bench", "train", "--device", "cpu", "--providers", "pdengine_compile,x"])
+    assert res.exit_code != 0 and "unknown train providers ['x']" in res.output
 
 
 def test_layer_times_split_a_unet_call_by_layer_kind():
