@@ -32,7 +32,9 @@ Forward, per stage (one launch of `_stage_fwd_kernel` + one tiny `_gn_finalize_k
     dgrad epilogue runs as `_act_bwd_kernel`. Either direction can use either GEMM (same saved tensors).
   * Dropout: keep = tl.rand(seed + stage, i) >= p with i the element's flat index in (B*F, C, H*W), so the
     three output frames that read an element, and the backward, regenerate the same mask. `dropout_masks`
-    materialises it for tests.
+    materialises it for tests. The seed changes every training step, so the kernels that take it are not
+    specialized on its value (`do_not_specialize`): a seed that happens to be 1 or a multiple of 16 would
+    otherwise compile another variant of each kernel mid-run.
 
 Backward (training), per stage, from g = dLoss/d(stage output):
   * `_stage_wgrad_kernel`: dW[o, c, k] = sum_n g[o, n] a[c, n + k - 1] with a recomputed from the saved stage
@@ -135,7 +137,7 @@ def _channel_tile(C, F, HW, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     return offs_c, c_ok, n_ok, offs_n // HW, offs_n % HW, c_ok[:, None] & n_ok[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _stage_fwd_kernel(
     h_ptr,  # (B*F, C_in, HW) stage input
     w_ptr,  # (C_out, C_in, 3) conv weight, channels contiguous (see _weight3)
@@ -277,7 +279,7 @@ def _gn_finalize_kernel(
     tl.store(shift_ptr + b * C + offs_c, beta, mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _stage_wgrad_kernel(
     g_ptr,  # (B*F, C_out, HW) gradient of the stage output
     h_ptr,  # (B*F, C_in, HW) stage input (the activation is recomputed from it)
@@ -361,7 +363,7 @@ def _sum_splits_kernel(
     tl.store(out_ptr + offs, _cast(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _stage_dgrad_kernel(
     g_ptr,  # (B*F, C_out, HW) gradient of the stage output
     w_ptr,  # (C_out, C_in, 3) conv weight, channels contiguous (see _weight3)
@@ -434,7 +436,7 @@ def _act_backward(da, h_ptr, offs, mask, b, offs_c, c_ok, C_in, CPG, G, rstd_ptr
     tl.store(ps2_ptr + part, tl.sum(dnf * xhat, axis=1), mask=c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _act_bwd_kernel(
     da_ptr,  # (B*(F+2) - 2, C_in, HW) the windowed transposed-conv GEMM's output: row b*(F+2) + f is frame f
     h_ptr,  # (B*F, C_in, HW) stage input
@@ -538,7 +540,7 @@ def _gn_bwd_apply_kernel(
     tl.store(dh_ptr + offs, _cast(dh, dh_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _norm_act_kernel(
     h_ptr,  # (B*F, C, HW) stage input
     a_ptr,  # (B*F, C, HW) out: dropout(silu(GroupNorm(h))) in h's dtype
@@ -560,7 +562,7 @@ def _norm_act_kernel(
     tl.store(a_ptr + offs, _cast(a, a_ptr.dtype.element_ty, INTERPRETED), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _pad_kernel(
     h_ptr,  # (B*F, C, HW) source
     out_ptr,  # padded destination: (b, padded frame fp, c, p) at (b*(F+2) + fp) * STRIDE_F + c * STRIDE_C + p
@@ -635,7 +637,7 @@ def _gemm_epilogue_kernel(
                          c_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(
     out_ptr,  # (N,) fp32: 0 or 1/(1-p)
     N, seed, p_drop, drop_scale,
