@@ -289,8 +289,9 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
 
     start_all = time.perf_counter()
     done = 0
-    with tqdm(total=len(todo) * settings.steps * job.clips, unit="step", desc="sampling", file=sys.stderr,
-              disable=not sys.stderr.isatty()) as bar:
+    writer = BatchWriter(overlap=overlap_writes(device))
+    with writer, tqdm(total=len(todo) * settings.steps * job.clips, unit="step", desc="sampling",
+                      file=sys.stderr, disable=not sys.stderr.isatty()) as bar:
         for b0 in range(0, len(todo), job.batch_size):
             ids = todo[b0:b0 + job.batch_size]
             batch = [job.specs[i] for i in ids]
@@ -309,9 +310,9 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
             if capture > 0:
                 log(f"captured the denoising step as a CUDA graph in {capture:.2f} s")
             seconds = (time.perf_counter() - t0 - capture) / len(batch)
+            items = []
             for j, (idx, spec, seed) in enumerate(zip(ids, batch, batch_seeds)):
                 path = out / f"{idx:05d}_{slugify(spec.prompt)}{ext}"
-                write_video(frames_to_uint8(videos[j].permute(1, 0, 2, 3)), path, job.fmt, job.fps)
                 record = {
                     "index": idx, "file": path.name, "prompt": spec.prompt, "seed": seed,
                     "first_frame": spec.first_frame, "last_frame": spec.last_frame,
@@ -324,15 +325,21 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
                     "cuda_graph": bool(pipe.static_sampler and pipe.use_cuda_graph and device.startswith("cuda")),
                     "compiled": pipe.compile_backend is not None,
                 }
-                # The video is in place before its manifest line: a crash loses at most this batch.
-                with manifest.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                records.append(record)
+                items.append((frames_to_uint8(videos[j].permute(1, 0, 2, 3)), path, record))  # on the host now
             done += len(batch)
-            rate = done / (time.perf_counter() - start_all)
-            bar.set_postfix(videos=f"{done}/{len(todo)}", vps=f"{rate:.3f}")
-            log(f"[{done}/{len(todo)}] wrote {', '.join(r['file'] for r in records[-len(batch):])} "
-                f"({rate:.3f} videos/s)")
+
+            def write_batch(items=items, done=done):
+                for frames, path, record in items:
+                    write_video(frames, path, job.fmt, job.fps)
+                    # The video is in place before its manifest line.
+                    with manifest.open("a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    records.append(record)
+                rate = done / (time.perf_counter() - start_all)
+                log(f"[{done}/{len(todo)}] wrote {', '.join(str(it[1].name) for it in items)} ({rate:.3f} videos/s)")
+
+            writer.submit(write_batch)
+            bar.set_postfix(videos=f"{done}/{len(todo)}", vps=f"{done / (time.perf_counter() - start_all):.3f}")
     if world > 1:
         import torch.distributed as dist
 
@@ -344,6 +351,53 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
     elif any(out.glob("manifest.rank*.jsonl")):  # parts left by an interrupted multi-process run
         merge_manifests(out)
     return records
+
+
+def overlap_writes(device: str) -> bool:
+    """Encode and write batch k's videos while batch k+1 samples: on a GPU, where sampling leaves the CPU
+    idle (on the CPU the two would only share the same cores)."""
+    return device.startswith("cuda")
+
+
+class BatchWriter:
+    """Runs each finished batch's writes (video files, then their manifest lines) on one background thread,
+    in order, so encoding overlaps the next batch's sampling (`overlap`); without overlap each batch is
+    written before sampling goes on. At most one batch is in flight: submitting waits for the previous one,
+    whose error surfaces there. Leaving the with-block waits for the last batch, also when sampling failed
+    (its error then wins): a crash loses at most the batch being sampled."""
+
+    def __init__(self, overlap: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.overlap = overlap
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdengine-writer")
+        self._pending = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn)
+        if not self.overlap:
+            self.wait()
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            else:
+                try:
+                    self.wait()  # flush the batch before the failing one; the sampling error propagates
+                except Exception as e:  # noqa: BLE001 - reported, the original error wins
+                    print(f"pdengine: writing the previous batch also failed: {e}", file=sys.stderr)
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def auto_batch_size(pipe, settings: SampleSettings, limit: int, log: Callable[[str], None],

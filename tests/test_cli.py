@@ -247,6 +247,53 @@ def test_resume_after_a_crash_gives_the_same_videos(tiny_pipeline_dir, tmp_path,
     assert "different prompt or seed" in result.output
 
 
+def test_overlapped_writes_keep_order_and_flush_before_a_crash(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """With writes overlapping the next batch's sampling (the GPU default), videos and manifest lines come
+    out as without, in order; when sampling batch k+1 fails, batch k (still being written) is flushed first."""
+    import threading
+    import time
+
+    from pdengine.engine import generate as generate_mod
+    from pdengine.engine import media as media_mod
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\ntwo\nthree\n")
+    args = ["generate", "--prompts", prompts, "--model", tiny_pipeline_dir, *FAST, "--format", "png", "--seed", "5"]
+    run(*args, "--out", tmp_path / "plain")
+    monkeypatch.setattr(generate_mod, "overlap_writes", lambda device: True)
+    threads = []
+    real_write = media_mod.write_video
+
+    def slow_write(*a, **k):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.2)  # still writing when the next batch starts
+        return real_write(*a, **k)
+
+    monkeypatch.setattr(media_mod, "write_video", slow_write)  # generate imports it from media when it runs
+    run(*args, "--out", tmp_path / "overlap")
+    a, rows_a = _png_videos(tmp_path / "plain")
+    b, rows_b = _png_videos(tmp_path / "overlap")
+    assert [r["index"] for r in rows_b] == [0, 1, 2] and sorted(a) == sorted(b)
+    for i in a:
+        assert np.array_equal(a[i], b[i]), i
+    assert threads and all(name.startswith("pdengine-writer") for name in threads)
+    original = pipeline_mod.PixelDancePipeline.generate
+    calls = []
+
+    def crash_on_third_batch(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "generate", crash_on_third_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(*args, "--out", tmp_path / "crashed")
+    rows = [json.loads(x) for x in (tmp_path / "crashed" / "manifest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]  # batch 2 was in flight when batch 3 failed: written
+    assert all((tmp_path / "crashed" / r["file"]).is_dir() for r in rows)
+
+
 def test_torchrun_two_processes_write_the_same_videos(tiny_pipeline_dir, tmp_path):
     """`torchrun --nproc-per-node 2 pdengine generate` (gloo on CPU) shards the prompts by rank and
     merges one manifest; each video equals the single-process one."""
