@@ -211,21 +211,27 @@ def _png_videos(out):
     return {r["index"]: read_video(out / r["file"]) for r in rows}, rows
 
 
+def _crash_on_batch(monkeypatch, n: int):
+    """Make the pipeline's n-th batch raise; returns the real `generate` (to put back)."""
+    original = pipeline_mod.PixelDancePipeline.generate
+    calls = []
+
+    def crashing(self, *a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise RuntimeError("simulated crash")
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "generate", crashing)
+    return original
+
+
 def test_resume_after_a_crash_gives_the_same_videos(tiny_pipeline_dir, tmp_path, monkeypatch):
     prompts = tmp_path / "p.txt"
     prompts.write_text("one\ntwo\nthree\n")
     args = ["generate", "--prompts", prompts, "--model", tiny_pipeline_dir, *FAST, "--format", "png", "--seed", "5"]
     run(*args, "--out", tmp_path / "straight")
-    original = pipeline_mod.PixelDancePipeline.generate
-    calls = []
-
-    def crash_on_second_batch(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "generate", crash_on_second_batch)
+    original = _crash_on_batch(monkeypatch, 2)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(*args, "--out", tmp_path / "resumed")
     monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "generate", original)
@@ -277,16 +283,7 @@ def test_overlapped_writes_keep_order_and_flush_before_a_crash(tiny_pipeline_dir
     for i in a:
         assert np.array_equal(a[i], b[i]), i
     assert threads and all(name.startswith("pdengine-writer") for name in threads)
-    original = pipeline_mod.PixelDancePipeline.generate
-    calls = []
-
-    def crash_on_third_batch(self, *a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(pipeline_mod.PixelDancePipeline, "generate", crash_on_third_batch)
+    _crash_on_batch(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(*args, "--out", tmp_path / "crashed")
     rows = [json.loads(x) for x in (tmp_path / "crashed" / "manifest.jsonl").read_text().splitlines()]
