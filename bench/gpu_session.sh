@@ -11,12 +11,14 @@
 # UNet call spends its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train,
 # tune (`pdengine bench conv-configs`), compile (ours and diffusers under torch.compile, batch 8). One call
 # may run 600 s at most and a lease is 15 minutes including the machine's start, so plan two calls:
-#   1. STAGES="tests sample kernels" FAMILIES="temporal_conv temporal_attention"   (limits 120+240+2x90 s)
-#   2. at once, while the machine is warm: STAGES="train tune compile"             (limits 200+150+220 s)
-# with run's timeout_s about 590 each; whatever a stage measured before its limit is kept (ROW lines).
+#   1. STAGES="tests sample kernels" FAMILIES="temporal_conv"   (limits 120 + 300 + 90 s)
+#   2. at once, while the machine is warm: STAGES="train tune compile"   (limits 180 + 150 + 240 s)
+# with run's timeout_s about 590 each; whatever a stage measured before its limit is kept (ROW lines). The
+# sample stage runs batch 8 first (the issue's target batch), then 1, with the graph samplers (fused and cuBLAS
+# temporal conv), diffusers eager and the breakdown (SAMPLE_PROVIDERS; eager-vs-graph was measured before).
 # Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
 # subset of "tests sample kernels train tune compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
-# TRAIN_BATCHES, TUNE_QUICK (1: two or three candidates per kernel, the default; 0: all). The temporal conv's
+# SAMPLE_PROVIDERS, TRAIN_BATCHES, TUNE_QUICK (1: two or three candidates per kernel, the default; 0: all). The temporal conv's
 # cuBLAS variant runs beside the fused kernels in every stage (`triton_cublas` kernel rows, `cublas`
 # conv-configs rows, `pdengine_graph_cublas_conv` sample rows, `pdengine_cublas_conv` train rows). Every
 # finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by its time limit keeps
@@ -52,8 +54,9 @@ on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cach
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
-on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-1 8}) &&
-timeout "${T_SAMPLE:-240}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
+on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-8 1}) &&
+timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
+  --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_cublas_conv,diffusers_eager,breakdown}" \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 for fam in ${FAMILIES:-temporal_conv temporal_attention latent_update concat_cond}; do
@@ -64,7 +67,7 @@ for fam in ${FAMILIES:-temporal_conv temporal_attention latent_update concat_con
 done
 
 on train && stage bench train && TB=$(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) &&
-timeout "${T_TRAIN:-200}" "${PD[@]}" bench train --device cuda $TB --steps 3 \
+timeout "${T_TRAIN:-180}" "${PD[@]}" bench train --device cuda $TB --steps 3 \
   --json "$R/cuda-train-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 on tune && stage bench conv-configs &&
@@ -72,8 +75,8 @@ timeout "${T_TUNE:-150}" "${PD[@]}" bench conv-configs --device cuda $([ "${TUNE
   --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 on compile && stage bench sample torch.compile &&
-timeout "${T_COMPILE:-220}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
-  --providers pdengine_graph,pdengine_graph_compile,diffusers_compile \
+timeout "${T_COMPILE:-240}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
+  --providers pdengine_graph_compile,diffusers_compile \
   --json "$R/cuda-sample-compile-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 stage done

@@ -209,6 +209,9 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
         providers["pdengine_graph_compile"] = lambda: ours_run("graph_compile")
         providers["diffusers_compile"] = lambda: diffusers_run(compiled)
     rows = []
+    for name in sorted(set(only or ()) - set(providers) - {"breakdown"}):  # asked for, not available
+        rows.append(emit({"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
+                          "status": "skipped: the compiled providers need --compile-mode other than none"}))
     for name, fn in providers.items():
         if only is not None and name not in only:
             continue
