@@ -85,7 +85,18 @@ def _backends(cuda_available: bool) -> dict[str, Any]:
         "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),
         "triton": triton_state,
         "flash_attn": flash,
+        "temporal_conv_gemm": _conv_gemm(),
     }
+
+
+def _conv_gemm() -> str:
+    """The temporal conv's GEMMs as this environment sets them (PDENGINE_CONV_GEMM), or why that fails."""
+    try:
+        from pdengine.kernels import temporal_conv
+    except Exception as e:  # a bad PDENGINE_CONV_GEMM or a broken triton: said, not hidden
+        return f"unavailable: {type(e).__name__}: {e}"
+    choice = temporal_conv._CONV_GEMM
+    return f"forward {choice['forward']}, backward {choice['backward']} (PDENGINE_CONV_GEMM)"
 
 
 def _presets() -> dict[str, int | str] | str:
@@ -172,7 +183,8 @@ def format_info(info: dict[str, Any]) -> str:
     sections.append(
         (
             "attention backends",
-            [("sdpa", "yes" if b["sdpa"] else "no"), ("triton", tri_text), ("flash_attn", b["flash_attn"])],
+            [("sdpa", "yes" if b["sdpa"] else "no"), ("triton", tri_text), ("flash_attn", b["flash_attn"]),
+             ("temporal conv GEMM", b["temporal_conv_gemm"])],
         )
     )
     presets = info["presets"]

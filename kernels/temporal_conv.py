@@ -726,6 +726,9 @@ def conv_gemm(name: str, direction: str = "both") -> Iterator[None]:
         _CONV_GEMM.update(previous)
 
 
+set_conv_gemm(os.environ.get("PDENGINE_CONV_GEMM", "triton"))  # a bad value fails the import, here
+
+
 def _dgrad_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
     """Transposed-conv tiles: like the forward's but at most 4096 outputs per program, because the epilogue
     (SiLU and dropout backward, two partial sums) holds several fp32 tiles at once."""
@@ -1599,5 +1602,3 @@ def compile_specs() -> list[CompileSpec]:
     add("sum_splits", _sum_splits_kernel, {"BLOCK": 1024}, 4, 3, False)
     return list(specs.values())
 
-
-set_conv_gemm(os.environ.get("PDENGINE_CONV_GEMM", "triton"))

@@ -5,8 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import platform
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pynvml
@@ -34,7 +37,16 @@ def test_collect_info_on_this_machine(report):
     assert report["backends"]["triton"]["importable"] == (importlib.util.find_spec("triton") is not None)
     if importlib.util.find_spec("flash_attn") is None:
         assert report["backends"]["flash_attn"] == "not installed"
+    assert report["backends"]["temporal_conv_gemm"] == "forward triton, backward triton (PDENGINE_CONV_GEMM)"
     json.dumps(report)  # plain data, e.g. for `pdengine info --json`
+
+
+def test_info_says_why_the_conv_gemm_setting_is_unusable():
+    env = {**os.environ, "PDENGINE_CONV_GEMM": "cudnn"}
+    run = subprocess.run([sys.executable, "-c", "from pdengine.engine.info import collect_info as c; "
+                          "print(c()['backends']['temporal_conv_gemm'])"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("unavailable: ValueError: conv GEMM must be one of")
 
 
 def test_nvml_reason_is_reported_without_a_driver(report):
