@@ -670,7 +670,7 @@ def temporal_attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, scale
     head_dim = _check_attention_inputs(qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:], num_frames,
                                        heads, pixels)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if _as_operator():
+    if torch.compiler.is_compiling():  # the operators below
         return _attention_qkv_op(qkv, num_frames, heads, pixels, scale)[0]
     return _TemporalAttentionQKV.apply(qkv, num_frames, heads, pixels, scale)[0]
 
@@ -688,7 +688,7 @@ def video_group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.T
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (c,) or p.device != x.device):
             raise ValueError(f"{name} must be ({c},) on {x.device}, got {tuple(p.shape)} on {p.device}")
-    if _as_operator():
+    if torch.compiler.is_compiling():  # the operators below
         return _group_norm_to_tokens_op(x, num_frames, weight, bias, groups, float(eps))[0]
     return _VideoGroupNormToTokens.apply(x, weight, bias, num_frames, groups, float(eps))
 
@@ -704,7 +704,7 @@ def tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) 
                          f"strides {t.stride()}")
     if t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"t and x must share dtype and device, got {t.dtype}/{t.device} and {x.dtype}/{x.device}")
-    if _as_operator():
+    if torch.compiler.is_compiling():  # the operators below
         return _tokens_to_video_residual_op(t, x, num_frames)
     return _TokensToVideoResidual.apply(t, x, num_frames)
 
@@ -714,11 +714,6 @@ def tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) 
 # operator where the backward runs kernels): traced code sees nodes with shapes from the fake implementations
 # instead of walking into the launchers and kernels (which Dynamo cannot trace on the CPU interpreter), for
 # inference and training alike. Eager calls skip the dispatcher and use the autograd Functions above.
-
-
-def _as_operator() -> bool:
-    """Calls go through the operators only inside a torch.compile trace."""
-    return torch.compiler.is_compiling()
 
 
 def _attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, pixels: int,

@@ -879,16 +879,12 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     b, hw = bf // num_frames, hh * ww
     fhw = num_frames * hw
     cfg = _gemm_config(c_out, c_in, hw, fhw)
-    nt = triton.cdiv(fhw, cfg.block_n)
     y = torch.empty(bf, c_out, hh, ww, device=h.device, dtype=h.dtype) if out is None else out
-    if next_norm is not None:
-        pmean = torch.empty(b, nt, c_out, device=h.device, dtype=torch.float32)
-        pm2 = torch.empty_like(pmean)
-    else:
-        pmean = pm2 = stats.scale  # never written (HAS_STATS=False); any fp32 pointer
     if cfg.cublas:
         return _stage_forward_cublas(h, num_frames, weight, bias, stats, residual=residual, next_norm=next_norm,
                                      groups=groups, eps=eps, dropout_p=dropout_p, seed=seed, out=y)
+    nt = triton.cdiv(fhw, cfg.block_n)
+    pmean, pm2 = _stat_partials(b, nt, c_out, next_norm, stats)
     grid = (triton.cdiv(c_out, cfg.block_m), nt, b)
     if weight.stride(1) != 1:
         raise ValueError("the weight must come packed by _weight3 (channels contiguous)")
@@ -915,6 +911,16 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     return y, _gn_finalize(pmean, pm2, cfg.block_n, fhw, next_norm[0], next_norm[1], groups, eps)
 
 
+def _stat_partials(b: int, nt: int, c: int, next_norm: tuple | None,
+                   stats: GroupNormStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, NT, C) fp32 partial means and squared deviations a stage writes for the next GroupNorm; without
+    a next norm, any fp32 pointer (never written: HAS_STATS=False)."""
+    if next_norm is None:
+        return stats.scale, stats.scale
+    pmean = torch.empty(b, nt, c, device=stats.scale.device, dtype=torch.float32)
+    return pmean, torch.empty_like(pmean)
+
+
 def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias: torch.Tensor,
                           stats: GroupNormStats, *, residual: torch.Tensor | None, next_norm: tuple | None,
                           groups: int, eps: float, dropout_p: float, seed: int,
@@ -935,11 +941,7 @@ def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor
     n_windows = b * fp - 2
     z = _window_gemm(_conv_matrix(weight), a, n_windows)
     nt = triton.cdiv(num_frames * hw, _STATS_BLOCK_N)
-    if next_norm is not None:
-        pmean = torch.empty(b, nt, c_out, device=h.device, dtype=torch.float32)
-        pm2 = torch.empty_like(pmean)
-    else:
-        pmean = pm2 = stats.scale  # never written (HAS_STATS=False); any fp32 pointer
+    pmean, pm2 = _stat_partials(b, nt, c_out, next_norm, stats)
     _gemm_epilogue_kernel[(triton.cdiv(c_out, _STATS_BLOCK_C), nt, b)](
         z, bias, residual if residual is not None else out, out, pmean, pm2, c_out, num_frames, hw, nt,
         HAS_RESIDUAL=residual is not None, HAS_STATS=next_norm is not None, INTERPRETED=_interpreted(h),
