@@ -284,7 +284,7 @@ def env_info(device: str = "cpu") -> dict[str, str]:
     except ImportError:
         triton_version = "not installed"
     gpu = torch.cuda.get_device_name(torch.cuda.current_device()) if device == "cuda" else "cpu"
-    return {
+    stamp = {
         "gpu": gpu,
         "torch": torch.__version__,
         "triton": triton_version,
@@ -292,6 +292,14 @@ def env_info(device: str = "cpu") -> dict[str, str]:
         "git_sha": git_sha(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if device == "cuda" and triton_version != "not installed":
+        from pdengine.kernels import temporal_conv as tc
+
+        # What the temporal conv runs unless a row forces a GEMM: the mode and this GPU's launch table.
+        table = tc.table_for(torch.device("cuda", torch.cuda.current_device()))
+        stamp["conv_gemm"] = f"{tc._CONV_GEMM['forward']}/{tc._CONV_GEMM['backward']}"
+        stamp["conv_table"] = table.describe() if table is not None else "none (built-in tiles)"
+    return stamp
 
 
 def time_cuda(fn: Callable[[], Any], setup: Callable[[], Any] | None = None, *, warmup: int = 5,

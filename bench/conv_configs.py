@@ -110,9 +110,9 @@ def _table(kind: str, config: tuple | None) -> Iterator[None]:
 
 
 def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int = VIDEOS) -> tuple:
-    """What a stage of this kind runs by default at one level: `CUBLAS` when its direction is set to cuBLAS
-    (`temporal_conv.set_conv_gemm`), else the table's (block_m, block_n, block_k, num_warps, num_stages,
-    prenorm); for wgrad (block_o, block_c, block_n, split, num_warps, num_stages)."""
+    """What a stage of this kind runs at one level without a launch table: `CUBLAS` when its direction is set
+    to cuBLAS (`temporal_conv.set_conv_gemm`), else the built-in tile (block_m, block_n, block_k, num_warps,
+    num_stages, prenorm); for wgrad (block_o, block_c, block_n, split, num_warps, num_stages)."""
     from pdengine.kernels import temporal_conv as tc
 
     if tc._CONV_GEMM["forward" if kind == "fwd" else "backward"] == "cublas":
@@ -193,6 +193,15 @@ def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple
     return (o, cc, n, split or tc._wgrad_split(c, c, videos, fhw, o, cc, n), warps, stages)
 
 
+def _table_entry(kind: str, candidate: tuple) -> str | list:
+    """A candidate as a launch table entry (`kernels/temporal_conv_table.py`): "cublas" or the tile's list."""
+    if candidate == CUBLAS:
+        return "cublas"
+    if kind == "wgrad":
+        return list(candidate)
+    return [*candidate[:5], bool(candidate[5]) if len(candidate) > 5 else False]
+
+
 def _fields(kind: str, config: tuple) -> dict[str, Any]:
     if config == CUBLAS:
         return {"cublas": True}
@@ -206,6 +215,8 @@ def sweep(device: str, levels: Iterable[tuple[int, int]] = LEVELS, quick: bool =
           videos: int = VIDEOS, frames: int = FRAMES, groups: int = GROUPS, dtype: torch.dtype = torch.bfloat16,
           eps: float = 1e-5, max_rel_err: float = 2e-2) -> list[dict[str, Any]]:
     """One row per (kind, level, candidate); the table's own choice comes first at each level."""
+    from pdengine.kernels import temporal_conv as tc
+
     timed = device == "cuda"
     if timed:
         from .common import time_cuda
@@ -217,22 +228,28 @@ def sweep(device: str, levels: Iterable[tuple[int, int]] = LEVELS, quick: bool =
         flops = 2 * c * c * 3 * videos * frames * hw  # every kind is one GEMM of this size
         for kind in kinds:
             ref = expected[kind]
-            default = _normalise(kind, default_config(kind, c, hw, frames, videos), c, videos, frames * hw)
+            default_raw = default_config(kind, c, hw, frames, videos)
+            if kind == "wgrad" and default_raw != CUBLAS:
+                default_raw = (*default_raw[:3], 0, *default_raw[4:])  # its split is the built-in rule's
+            default = _normalise(kind, default_raw, c, videos, frames * hw)
             candidates = QUICK[kind] if quick else {"fwd": FWD_CANDIDATES, "dgrad": DGRAD_CANDIDATES,
                                                     "wgrad": WGRAD_CANDIDATES}[kind]
             seen = set()
-            for config in (default, *candidates):
-                config = _normalise(kind, config, c, videos, frames * hw)
+            for candidate in (default_raw, *candidates):
+                config = _normalise(kind, candidate, c, videos, frames * hw)
                 if config in seen:
                     continue
                 seen.add(config)
                 row: dict[str, Any] = {
                     "bench": "conv_configs", "kind": kind, "device": device, "dtype": str(dtype).split(".")[-1],
-                    "shape": f"B{videos}xF{frames} C{c} {side}x{side}", "config": config_name(kind, config),
-                    **_fields(kind, config), "default": config == default,
+                    "shape": f"B{videos}xF{frames} C{c} {side}x{side}", "channels": c, "hw": hw,
+                    "config": config_name(kind, config), **_fields(kind, config), "default": config == default,
+                    # As a launch table stores it: before _normalise, so a wgrad split of 0 stays the rule's
+                    # (which follows the batch at hand).
+                    "table_entry": _table_entry(kind, candidate),
                 }
                 try:
-                    with _table(kind, config):
+                    with tc.launch_table(None), _table(kind, config):
                         fn = _runner(kind, *tensors, frames, groups, eps)
                         err = _rel_err(fn(), ref)
                         row["rel_err"] = err
@@ -284,3 +301,65 @@ def run_conv_configs(device: str, json_path: Path | None = None, quick: bool = F
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps({"rows": rows, "best": best_rows(rows)}, indent=2, default=str) + "\n")
     return rows
+
+
+def table_from_rows(rows: list[dict[str, Any]], device_name: str,
+                    meta: dict[str, Any] | None = None) -> tuple[Any, dict[tuple, dict[str, Any]]]:
+    """The launch table timed sweep rows make (`kernels/temporal_conv_table.py`): per (kind, dtype, level),
+    "best" is the fastest correct candidate (cuBLAS or a Triton tile) and "triton" the fastest correct
+    Triton tile. Returns (table, {entry key: its timings}): only rows with status "ok" and a time count."""
+    from pdengine.kernels import temporal_conv_table as ct
+
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("status") == "ok" and isinstance(r.get("median_ms"), float):
+            dtype = ct.dtype_name(getattr(torch, r["dtype"]))
+            groups.setdefault((r["kind"], dtype, r["channels"], r["channels"], r["hw"]), []).append(r)
+    entries, extra = [], {}
+    for key, rs in sorted(groups.items()):
+        best = min(rs, key=lambda r: r["median_ms"])
+        tiles = [r for r in rs if r["table_entry"] != ct.CUBLAS]
+        fastest_tile = min(tiles, key=lambda r: r["median_ms"]) if tiles else None
+        builtin = next((r for r in rs if r["default"]), None)
+        kind, dtype, c_out, c_in, hw = key
+        entries.append({"kind": kind, "dtype": dtype, "c_out": c_out, "c_in": c_in, "hw": hw,
+                        "best": best["table_entry"], "triton": fastest_tile and fastest_tile["table_entry"]})
+        extra[key] = {"shape": best["shape"], "best_ms": best["median_ms"],
+                      "triton_ms": fastest_tile and fastest_tile["median_ms"],
+                      "builtin": builtin and builtin["config"], "builtin_ms": builtin and builtin["median_ms"]}
+    table = ct.parse({"device": device_name, "meta": meta or {}, "entries": entries}, "memory")
+    return table, extra
+
+
+def tune(quick: bool = False, out: Path | None = None, json_path: Path | None = None):
+    """Time the temporal conv's candidates on this GPU (`sweep`) and write the launch table that the engine
+    then uses on every GPU of this model: to `out`, by default the user's cache (where the engine looks
+    first; `temporal_conv_table.user_path`). Returns (table, path written, extra timings, rows)."""
+    import json
+
+    from pdengine.kernels import temporal_conv as tc
+    from pdengine.kernels import temporal_conv_table as ct
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("pdengine tune times the temporal conv on a GPU, and torch sees no CUDA device")
+    name = torch.cuda.get_device_name(torch.cuda.current_device())
+    path = out if out is not None else ct.user_path(name)
+    with tc.launch_table(None):  # what the sweep runs under, whatever table this GPU has now
+        stamp = env_info("cuda")
+    meta = {k: stamp[k] for k in ("torch", "triton", "git_sha", "timestamp")}
+    meta.update({"videos": VIDEOS, "frames": FRAMES, "candidates": "quick" if quick else "all"})
+    rows: list[dict[str, Any]] = []
+    table = extra = None
+    for level in LEVELS:  # the table so far is written after each level: a run cut short keeps those
+        rows += [{**r, **stamp} for r in sweep("cuda", levels=(level,), quick=quick)]
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps({"rows": rows, "best": best_rows(rows)}, indent=2, default=str) + "\n")
+        table, extra = table_from_rows(rows, name, meta)
+        if table.entries:
+            ct.write(table, path, extra)
+    if not table.entries:
+        raise RuntimeError("no candidate ran correctly on this GPU: no table written (the rows say why"
+                           + (f": {json_path})" if json_path else ")"))
+    tc._TABLES.clear()  # this process, too, looks its table up again
+    return table, path, extra, rows

@@ -7,27 +7,31 @@
 # .whl (git-ignored via .git/info/exclude) with `pip download --no-deps --only-binary=:all:` first.
 # Seen on an H200 (2026-11-30): setup 15 s, tests 40 s, kernels 22 + 23 + 83 (temporal conv) + 40 s, sample
 # batch 1 about 40 s with Triton compiles and graph capture; batch 8 and train did not finish in 100 / 50 s.
-# Stages run in the order that answers the open questions first: tests, sample (end to end, and where one
-# UNet call spends its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train,
-# tune (`pdengine bench conv-configs`), compile (ours and diffusers under torch.compile, batch 8). One call
-# may run 600 s at most and a lease is 15 minutes including the machine's start, so plan two calls:
-#   1. STAGES="tests sample kernels" FAMILIES="temporal_conv"   (limits 120 + 300 + 90 s)
-#   2. at once, while the machine is warm: STAGES="train tune compile"   (limits 180 + 150 + 240 s)
+# Stages run in this order: tests, tune (`pdengine tune`: the temporal conv's launch table for this GPU,
+# then used by every later stage: PDENGINE_CONV_TABLE), sample (end to end, and where one UNet call spends
+# its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train, compile (ours and
+# diffusers under torch.compile, batch 8). One call may run 600 s at most and a lease is 15 minutes
+# including the machine's start, so plan two calls:
+#   1. STAGES="tests tune sample"   (limits 90 + 150 + 300 s)
+#   2. at once, while the machine is warm, after copying call 1's table to kernels/conv_tables/<gpu>.json
+#      ($OUT is emptied between calls): STAGES="kernels train compile" FAMILIES="temporal_conv temporal_attention"
+#      T_KERNELS=70   (limits 140 + 180 + 240 s)
 # with run's timeout_s about 590 each; whatever a stage measured before its limit is kept (ROW lines). The
-# sample stage runs batch 8 first (the issue's target batch), then 1, with the graph samplers (fused and cuBLAS
-# temporal conv), diffusers eager and the breakdown (SAMPLE_PROVIDERS; eager-vs-graph was measured before).
+# sample stage runs batch 8 first (the issue's target batch), then 1, with the graph samplers (the tuned
+# choice, and cuBLAS forced for the temporal conv), diffusers eager and the breakdown (SAMPLE_PROVIDERS;
+# eager-vs-graph was measured before).
 # Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
-# subset of "tests sample kernels train tune compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
-# SAMPLE_PROVIDERS, TRAIN_BATCHES, TUNE_QUICK (1: two or three candidates per kernel, the default; 0: all). The temporal conv's
-# cuBLAS variant runs beside the fused kernels in every stage (`triton_cublas` kernel rows, `cublas`
-# conv-configs rows, `pdengine_graph_cublas_conv` sample rows, `pdengine_cublas_conv` train rows). Every
-# finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by its time limit keeps
-# what it measured.
+# subset of "tests tune sample kernels train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
+# SAMPLE_PROVIDERS, TRAIN_BATCHES, TUNE_QUICK (1: three or four candidates per GEMM kind, the default; 0:
+# all). The temporal conv's cuBLAS variant runs beside the fused kernels in every stage (`triton_cublas`
+# kernel rows, `cublas` conv-configs rows, `pdengine_graph_cublas_conv` sample rows, `pdengine_cublas_conv`
+# train rows). Every finished bench row is also printed as `ROW {json}` in session.log, so a stage cut by
+# its time limit keeps what it measured.
 set -u
 OUT=${OUT:-/tmp/pdengine-gpu}
 SHA=${PDENGINE_GIT_SHA:-unknown}
 R=$OUT/results; mkdir -p "$R"
-STAGES=" ${STAGES:-tests sample kernels train tune} "
+STAGES=" ${STAGES:-tests tune sample kernels train} "
 on() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PDENGINE_GIT_SHA=$SHA
 LOG=$OUT/session.log
@@ -50,9 +54,18 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
-on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
+on tests && timeout "${T_TESTS:-90}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
+
+# The launch table: written level by level (a cut run keeps its finished levels), then used by every later
+# stage of this call; copy it to kernels/conv_tables/<gpu>.json to ship it (and to use it in the next call).
+TABLE=$R/cuda-conv-table-$SHA.json
+on tune && stage tune &&
+timeout "${T_TUNE:-150}" "${PD[@]}" tune $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) --out "$TABLE" \
+  --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+[ -s "$TABLE" ] && export PDENGINE_CONV_TABLE=$TABLE && echo "PDENGINE_CONV_TABLE=$TABLE" | tee -a "$LOG"
+"${PD[@]}" info 2>&1 | grep -i "temporal conv" | tee -a "$LOG"
 
 on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-8 1}) &&
 timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
@@ -69,10 +82,6 @@ done
 on train && stage bench train && TB=$(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) &&
 timeout "${T_TRAIN:-180}" "${PD[@]}" bench train --device cuda $TB --steps 3 \
   --json "$R/cuda-train-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
-
-on tune && stage bench conv-configs &&
-timeout "${T_TUNE:-150}" "${PD[@]}" bench conv-configs --device cuda $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) \
-  --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
 on compile && stage bench sample torch.compile &&
 timeout "${T_COMPILE:-240}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \

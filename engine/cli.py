@@ -188,6 +188,35 @@ def bench_conv_configs(device, json_path, quick):
     click.echo(f"{len(rows)} rows ({len(bad)} not ok)" + (f"; JSON: {json_path}" if json_path else ""))
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--quick", is_flag=True, help="Three or four candidates per GEMM kind instead of seven to thirteen.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Write the table here instead of the user cache (then point PDENGINE_CONV_TABLE at it).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write every timed row here.")
+def tune(quick, out_path, json_path):
+    """Measure the temporal conv's launch table on this GPU (used from then on by generate, train, bench).
+
+    At each pixeldance level, times the fused Triton kernels over several tiles and the cuBLAS variant, for
+    the conv, its transpose and its weight gradient, each checked against the fp32 reference first; the
+    fastest correct one per kind and shape goes into the table for this GPU model."""
+    from pathlib import Path
+
+    from pdengine.bench.conv_configs import tune as run_tune
+
+    try:
+        table, path, extra, rows = run_tune(quick, Path(out_path) if out_path else None,
+                                            Path(json_path) if json_path else None)
+    except RuntimeError as e:
+        _fail(e)
+    for key, entry in sorted(table.entries.items()):
+        t = extra[key]
+        best = entry.best if entry.best == "cublas" else "triton " + "x".join(map(str, entry.best[:3]))
+        gain = f" ({t['builtin_ms'] / t['best_ms']:.2f}x the built-in {t['builtin']})" if t["builtin_ms"] else ""
+        click.echo(f"{key[0]:5} {t['shape']}: {best} {t['best_ms']:.4f} ms{gain}")
+    bad = sum(r["status"] != "ok" for r in rows)
+    click.echo(f"{table.describe()}: written to {path}" + (f"; {bad} candidates not ok (see --json)" if bad else ""))
+
+
 @bench.command("sample", context_settings=CONTEXT)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               help="cuda: time the samplers side by side; cpu: FLOPs, launches and bytes per step (no timing).")

@@ -86,6 +86,7 @@ def _backends(cuda_available: bool) -> dict[str, Any]:
         "triton": triton_state,
         "flash_attn": flash,
         "temporal_conv_gemm": _conv_gemm(),
+        "temporal_conv_table": _conv_table(),
     }
 
 
@@ -97,6 +98,25 @@ def _conv_gemm() -> str:
         return f"unavailable: {type(e).__name__}: {e}"
     choice = temporal_conv._CONV_GEMM
     return f"forward {choice['forward']}, backward {choice['backward']} (PDENGINE_CONV_GEMM)"
+
+
+def _conv_table() -> str:
+    """The temporal conv's launch table on this machine's first GPU (`pdengine tune`), or why there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device (the CPU runs the built-in tiles)"
+    try:
+        from pdengine.kernels import temporal_conv
+        from pdengine.kernels.temporal_conv_table import user_path
+
+        table = temporal_conv.table_for(torch.device("cuda", torch.cuda.current_device()))
+    except Exception as e:  # a bad PDENGINE_CONV_TABLE: said, not hidden
+        return f"unavailable: {type(e).__name__}: {e}"
+    if table is None:
+        name = torch.cuda.get_device_name(torch.cuda.current_device())
+        return f"none for {name}: built-in tiles (`pdengine tune` writes {user_path(name)})"
+    return table.describe()
 
 
 def _presets() -> dict[str, int | str] | str:
@@ -184,7 +204,7 @@ def format_info(info: dict[str, Any]) -> str:
         (
             "attention backends",
             [("sdpa", "yes" if b["sdpa"] else "no"), ("triton", tri_text), ("flash_attn", b["flash_attn"]),
-             ("temporal conv GEMM", b["temporal_conv_gemm"])],
+             ("temporal conv GEMM", b["temporal_conv_gemm"]), ("temporal conv table", b["temporal_conv_table"])],
         )
     )
     presets = info["presets"]

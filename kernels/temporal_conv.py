@@ -30,6 +30,10 @@ Forward, per stage (one launch of `_stage_fwd_kernel` + one tiny `_gn_finalize_k
     residual and takes the statistics. Its backward (`_stage_backward_cublas`) pads g the same way for the
     transposed conv, and the weight gradient is three plain GEMMs of channel-major padded g and a; the
     dgrad epilogue runs as `_act_bwd_kernel`. Either direction can use either GEMM (same saved tensors).
+  * Which variant and tile each stage runs: `set_conv_gemm` ("auto" by default) and, on a GPU, its launch
+    table (`temporal_conv_table.py`, measured per GPU model by `pdengine tune`): per kind of GEMM (fwd,
+    dgrad, wgrad), dtype and shape, cuBLAS or the fastest correct Triton tile. No table: the fused kernels
+    with the built-in tiles (`_gemm_config`, `_dgrad_config`, `_wgrad_config`).
   * Dropout: keep = tl.rand(seed + stage, i) >= p with i the element's flat index in (B*F, C, H*W), so the
     three output frames that read an element, and the backward, regenerate the same mask. `dropout_masks`
     materialises it for tests. The seed changes every training step, so the kernels that take it are not
@@ -62,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -70,7 +75,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import temporal_conv_table as conv_table
 from .compile_check import CompileSpec
+from .temporal_conv_table import ConvTable
+
+logger = logging.getLogger("pdengine")
 
 # --------------------------------------------------------------------------------------------------------
 # Kernels
@@ -693,19 +702,24 @@ def _gemm_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
     wide = 128 if hw >= 256 and block_m <= 64 else 64
     block_n = _pow2_clamp(fhw, 16, wide if hw >= 64 else 32)
     num_warps = 8 if block_m * block_n >= 4096 else 4
-    return _GemmConfig(block_m, block_n, block_k, num_warps, 3, cublas=_CONV_GEMM["forward"] == "cublas")
+    return _GemmConfig(block_m, block_n, block_k, num_warps, 3)
 
 
-CONV_GEMMS = ("triton", "cublas")
+CONV_GEMMS = ("auto", "triton", "cublas")
 _DIRECTIONS = ("forward", "backward")
-_CONV_GEMM = {"forward": "triton", "backward": "triton"}
+_CONV_GEMM = {"forward": "auto", "backward": "auto"}
 
 
 def set_conv_gemm(name: str, direction: str = "both") -> dict[str, str]:
-    """Which GEMMs the temporal conv runs: "triton" (the fused implicit-GEMM kernels, the default) or
-    "cublas" (the activation / gradient written with frame padding in its own pass, then cuBLAS over
-    overlapping frame windows), for direction "forward", "backward" or "both". Returns the previous
-    choice of both directions. PDENGINE_CONV_GEMM (one name, both directions) sets it at import."""
+    """Which GEMMs the temporal conv runs, for direction "forward", "backward" or "both":
+      * "auto" (the default): per stage kind and shape as this GPU's launch table says (`pdengine tune`,
+        `temporal_conv_table.py`); where it has no entry (and on the CPU), the fused Triton kernels with the
+        built-in tiles;
+      * "triton": the fused implicit-GEMM kernels, with the table's fastest Triton tile where it has one;
+      * "cublas": the activation / gradient written with frame padding in its own pass, then cuBLAS over
+        overlapping frame windows.
+    Returns the previous choice of both directions. PDENGINE_CONV_GEMM (one name, both directions) sets
+    it at import."""
     if name not in CONV_GEMMS:
         raise ValueError(f"conv GEMM must be one of {CONV_GEMMS}, got {name!r}")
     if direction not in (*_DIRECTIONS, "both"):
@@ -726,7 +740,87 @@ def conv_gemm(name: str, direction: str = "both") -> Iterator[None]:
         _CONV_GEMM.update(previous)
 
 
-set_conv_gemm(os.environ.get("PDENGINE_CONV_GEMM", "triton"))  # a bad value fails the import, here
+set_conv_gemm(os.environ.get("PDENGINE_CONV_GEMM", "auto"))  # a bad value fails the import, here
+
+_UNSET = object()
+_TABLE_OVERRIDE: list = [_UNSET]  # launch_table(): one table (or None, the built-in tiles) for every device
+_TABLES: dict[tuple[str, int | None], ConvTable | None] = {}  # per CUDA device, found on its first stage
+
+
+@contextlib.contextmanager
+def launch_table(table: ConvTable | None) -> Iterator[None]:
+    """Use `table` (None: no table, the built-in tiles) on every device for the duration of a with-block,
+    instead of the tables found per GPU: what `pdengine tune` sweeps under, and what tests pin."""
+    previous = _TABLE_OVERRIDE[0]
+    _TABLE_OVERRIDE[0] = table
+    try:
+        yield
+    finally:
+        _TABLE_OVERRIDE[0] = previous
+
+
+def table_for(device: torch.device) -> ConvTable | None:
+    """The launch table that stages on `device` use: launch_table()'s if one is set; on a CUDA device the
+    one found for its GPU model (`temporal_conv_table.find`, once per device; one log line saying which,
+    or that there is none); None on other devices."""
+    if _TABLE_OVERRIDE[0] is not _UNSET:
+        return _TABLE_OVERRIDE[0]
+    if device.type != "cuda":
+        return None
+    key = (device.type, device.index)
+    if key not in _TABLES:
+        name = torch.cuda.get_device_name(device)
+        table, problems = conv_table.find(name)  # a bad $PDENGINE_CONV_TABLE raises, naming the file
+        for problem in problems:
+            logger.warning("pdengine temporal conv: %s", problem)
+        if table is None:
+            logger.warning("pdengine temporal conv: no launch table tuned for %s: built-in tiles, fused Triton "
+                           "GEMMs (`pdengine tune` measures one in about a minute)", name)
+        else:
+            logger.info("pdengine temporal conv: launch table %s", table.describe())
+        _TABLES[key] = table
+    return _TABLES[key]
+
+
+def _entry(kind: str, x: torch.Tensor, c_out: int, c_in: int, hw: int) -> conv_table.Entry | None:
+    table = table_for(x.device)
+    if table is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    return table.lookup(kind, conv_table.dtype_name(x.dtype), c_out, c_in, hw)
+
+
+def _use_cublas(direction: str, entry: conv_table.Entry | None) -> bool:
+    mode = _CONV_GEMM[direction]
+    return mode == "cublas" or (mode == "auto" and entry is not None and entry.best == conv_table.CUBLAS)
+
+
+def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -> _GemmConfig:
+    """The forward stage's launch: `cublas` set when it runs on cuBLAS, else the Triton tile (the table's,
+    or the built-in one)."""
+    entry = _entry("fwd", x, c_out, c_in, hw)
+    if _use_cublas("forward", entry):
+        return _gemm_config(c_out, c_in, hw, fhw)._replace(cublas=True)
+    if entry is not None and entry.triton is not None:
+        return _GemmConfig(*entry.triton)
+    return _gemm_config(c_out, c_in, hw, fhw)
+
+
+def _backward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int,
+                     b: int) -> tuple[_GemmConfig | None, _WgradConfig | None]:
+    """(dgrad, wgrad) launches of one stage's backward; None for a GEMM that runs on cuBLAS."""
+    d_entry = _entry("dgrad", x, c_out, c_in, hw)
+    w_entry = _entry("wgrad", x, c_out, c_in, hw)
+    dgrad = wgrad = None
+    if not _use_cublas("backward", d_entry):
+        dgrad = _GemmConfig(*d_entry.triton) if d_entry is not None and d_entry.triton is not None else \
+            _dgrad_config(c_in, c_out, hw, fhw)
+    if not _use_cublas("backward", w_entry):
+        if w_entry is not None and w_entry.triton is not None:
+            o, c, n, split, warps, stages = w_entry.triton
+            wgrad = _WgradConfig(o, c, n, split or _wgrad_split(c_out, c_in, b, fhw, o, c, n), warps, stages)
+        else:
+            wgrad = _wgrad_config(c_out, c_in, b, fhw)
+    return dgrad, wgrad
 
 
 def _dgrad_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
@@ -878,7 +972,7 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     c_out = weight.shape[0]
     b, hw = bf // num_frames, hh * ww
     fhw = num_frames * hw
-    cfg = _gemm_config(c_out, c_in, hw, fhw)
+    cfg = _forward_launch(h, c_out, c_in, hw, fhw)
     y = torch.empty(bf, c_out, hh, ww, device=h.device, dtype=h.dtype) if out is None else out
     if cfg.cublas:
         return _stage_forward_cublas(h, num_frames, weight, bias, stats, residual=residual, next_norm=next_norm,
@@ -1040,13 +1134,13 @@ def _stage_backward_cublas(g: torch.Tensor, weight: torch.Tensor, h: torch.Tenso
 
 def _stage_wgrad(g: torch.Tensor, h: torch.Tensor, num_frames: int, stats: GroupNormStats,
                  weight_param: torch.Tensor, bias_param: torch.Tensor, dropout_p: float,
-                 seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """dW (in the weight parameter's shape and dtype) and dbias of one stage."""
+                 seed: int, cfg: _WgradConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dW (in the weight parameter's shape and dtype) and dbias of one stage (tile: cfg, else the built-in)."""
     bf, c_in, hh, ww = h.shape
     c_out = g.shape[1]
     b, hw = bf // num_frames, hh * ww
     fhw = num_frames * hw
-    cfg = _wgrad_config(c_out, c_in, b, fhw)
+    cfg = cfg or _wgrad_config(c_out, c_in, b, fhw)
     nt = triton.cdiv(fhw, cfg.block_n)
     tiles_per_split = triton.cdiv(b * nt, cfg.split)
     dw_part = torch.empty(cfg.split, c_out, c_in, 3, device=h.device, dtype=torch.float32)
@@ -1070,14 +1164,15 @@ def _stage_wgrad(g: torch.Tensor, h: torch.Tensor, num_frames: int, stats: Group
 
 def _stage_dgrad(g: torch.Tensor, weight: torch.Tensor, h: torch.Tensor, num_frames: int, stats: GroupNormStats,
                  gamma: torch.Tensor, beta: torch.Tensor, groups: int, dropout_p: float, seed: int,
-                 residual_grad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dLoss/d(stage input) [+ residual_grad], dgamma, dbeta of one stage."""
+                 residual_grad: torch.Tensor | None,
+                 cfg: _GemmConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dLoss/d(stage input) [+ residual_grad], dgamma, dbeta of one stage (tile: cfg, else the built-in)."""
     bf, c_in, hh, ww = h.shape
     c_out = g.shape[1]
     b, hw = bf // num_frames, hh * ww
     fhw = num_frames * hw
     cpg = c_in // groups
-    cfg = _dgrad_config(c_in, c_out, hw, fhw)
+    cfg = cfg or _dgrad_config(c_in, c_out, hw, fhw)
     nt = triton.cdiv(fhw, cfg.block_n)
     dn = torch.empty_like(h)
     ps1 = torch.empty(b, nt, c_in, device=h.device, dtype=torch.float32)
@@ -1163,25 +1258,28 @@ def _block_backward(dout: torch.Tensor, inputs: Sequence[torch.Tensor], weights:
     dout = dout.contiguous()
     dgammas, dbetas, dws, dbs = [None] * 4, [None] * 4, [None] * 4, [None] * 4
     g = dout
-    cublas = _CONV_GEMM["backward"] == "cublas"
     for s in (3, 2, 1, 0):
         p = dropout_p if s > 0 else 0.0
         stage_seed = _stage_seed(seed, s)
         stage_input = s > 0 or need_input
-        if cublas:
-            g, dgammas[s], dbetas[s], dws[s], dbs[s] = _stage_backward_cublas(
-                g, weights[s], inputs[s], num_frames, stats[s], gammas[s], betas[s], groups, p, stage_seed,
-                dout if s == 0 else None, weight_params[s], biases[s], need_weight[s], stage_input)
-            continue
-        if need_weight[s]:
-            dws[s], dbs[s] = _stage_wgrad(g, inputs[s], num_frames, stats[s], weight_params[s], biases[s], p,
-                                          stage_seed)
-        if stage_input:
-            g, dgammas[s], dbetas[s] = _stage_dgrad(g, weights[s], inputs[s], num_frames, stats[s], gammas[s],
-                                                    betas[s], groups, p, stage_seed,
-                                                    residual_grad=dout if s == 0 else None)
-        else:
-            g = None
+        h = inputs[s]
+        hw = h.shape[2] * h.shape[3]
+        dgrad, wgrad = _backward_launch(h, g.shape[1], h.shape[1], hw, num_frames * hw, h.shape[0] // num_frames)
+        # The GEMMs that run on cuBLAS share one padded copy of g (both, when both do).
+        cublas_w, cublas_d = need_weight[s] and wgrad is None, stage_input and dgrad is None
+        g_next = None
+        if cublas_w or cublas_d:
+            g_next, dgammas[s], dbetas[s], dws[s], dbs[s] = _stage_backward_cublas(
+                g, weights[s], h, num_frames, stats[s], gammas[s], betas[s], groups, p, stage_seed,
+                dout if s == 0 else None, weight_params[s], biases[s], cublas_w, cublas_d)
+        if need_weight[s] and not cublas_w:
+            dws[s], dbs[s] = _stage_wgrad(g, h, num_frames, stats[s], weight_params[s], biases[s], p, stage_seed,
+                                          cfg=wgrad)
+        if stage_input and not cublas_d:
+            g_next, dgammas[s], dbetas[s] = _stage_dgrad(g, weights[s], h, num_frames, stats[s], gammas[s],
+                                                         betas[s], groups, p, stage_seed,
+                                                         residual_grad=dout if s == 0 else None, cfg=dgrad)
+        g = g_next
     return g, dgammas, dbetas, dws, dbs
 
 

@@ -37,7 +37,9 @@ def test_collect_info_on_this_machine(report):
     assert report["backends"]["triton"]["importable"] == (importlib.util.find_spec("triton") is not None)
     if importlib.util.find_spec("flash_attn") is None:
         assert report["backends"]["flash_attn"] == "not installed"
-    assert report["backends"]["temporal_conv_gemm"] == "forward triton, backward triton (PDENGINE_CONV_GEMM)"
+    assert report["backends"]["temporal_conv_gemm"] == "forward auto, backward auto (PDENGINE_CONV_GEMM)"
+    if not torch.cuda.is_available():
+        assert report["backends"]["temporal_conv_table"] == "no CUDA device (the CPU runs the built-in tiles)"
     json.dumps(report)  # plain data, e.g. for `pdengine info --json`
 
 

@@ -298,10 +298,10 @@ def test_cublas_forward_equals_the_fused_kernel(b, f, c, g):
     fused = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
     fused_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
     with tc.conv_gemm("cublas", "forward"):
-        assert tc._gemm_config(c, c, H * W, f * H * W).cublas
+        assert tc._forward_launch(x, c, c, H * W, f * H * W).cublas
         out = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
         out_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
-    assert not tc._gemm_config(c, c, H * W, f * H * W).cublas  # the with-block restored the choice
+    assert not tc._forward_launch(x, c, c, H * W, f * H * W).cublas  # the with-block restored the choice
     masks = tc.dropout_masks(x.shape, seed=7, dropout_p=0.3)
     assert_close(out, temporal_conv_block_ref(x, f, norms, convs, groups=g, dropout_masks=masks), torch.float32,
                  "cublas forward with dropout")
