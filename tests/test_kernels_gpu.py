@@ -55,6 +55,42 @@ def test_temporal_conv_full_shapes_bf16(gpu, c, hw, gemm):
     assert_low_precision_close(x.grad, xr16.grad, xr.grad, name=f"temporal conv dgrad C{c} {hw}x{hw} {gemm}")
 
 
+@pytest.mark.parametrize("c,hw", [(320, 32), (1280, 8)])
+def test_temporal_conv_mixed_launch_table_bf16(gpu, c, hw):
+    """A launch table that mixes the variants per GEMM kind (what `pdengine tune` may write): the forward on a
+    prenorm Triton tile, the transposed conv on cuBLAS, the weight gradient on a Triton tile with the rule's
+    split; output, input and weight gradients within 2x PyTorch's bf16 error."""
+    from pdengine.kernels import temporal_conv as tc
+    from pdengine.kernels import temporal_conv_table as ct
+    from pdengine.kernels.temporal_conv_ref import temporal_conv_block_ref
+
+    key = {"dtype": "bf16", "c_out": c, "c_in": c, "hw": hw * hw}
+    table = ct.parse({"device": "test", "entries": [
+        {"kind": "fwd", "best": [128, 128, 64, 8, 3, True], **key},
+        {"kind": "dgrad", "best": "cublas", **key},
+        {"kind": "wgrad", "best": [64, 64, 32, 0, 8, 2], "triton": [64, 64, 32, 0, 8, 2], **key}]}, "test")
+    b, f = 2, 16
+    norms, convs = _temporal_conv_params(c, gpu, seed=1)
+    kw = dict(groups=32, eps=1e-5)
+    x32 = torch.randn(b * f, c, hw, hw, device=gpu)
+    g = torch.randn_like(x32)
+    lp = lambda pairs: [(w.to(BF16).requires_grad_(), bb.to(BF16)) for w, bb in pairs]  # noqa: E731
+    fp = lambda pairs: [(w.clone().requires_grad_(), bb) for w, bb in pairs]  # noqa: E731
+    results = {}
+    for name, dtype, params, fn in (("ref32", torch.float32, fp(convs), temporal_conv_block_ref),
+                                    ("ref16", BF16, lp(convs), temporal_conv_block_ref),
+                                    ("table", BF16, lp(convs), tc.temporal_conv_block)):
+        x = x32.to(dtype).requires_grad_()
+        nrm = norms if dtype == torch.float32 else [(a.to(dtype), z.to(dtype)) for a, z in norms]
+        with tc.launch_table(table):
+            out = fn(x, f, nrm, params, **kw)
+            out.backward(g.to(dtype))
+        results[name] = (out, x.grad, params[1][0].grad)
+    for i, what in enumerate(("fwd", "dgrad", "wgrad")):
+        assert_low_precision_close(results["table"][i], results["ref16"][i], results["ref32"][i],
+                                   name=f"temporal conv {what} C{c} {hw}x{hw}, mixed table")
+
+
 def test_window_gemm_reads_the_overlapping_windows_in_place(gpu):
     """The cuBLAS variant's batched GEMM over overlapping three-frame windows: right values, and no copy of
     the windows (a copy would allocate 3x the output on top of it)."""
