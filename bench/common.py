@@ -21,13 +21,14 @@ flash-attention tiling re-reads) is not visible, so the count is a lower bound o
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,36 @@ LAYER_KINDS = {
 }
 
 
+@contextlib.contextmanager
+def _layer_marks(model: torch.nn.Module, kinds: dict[str, str], stamp: Callable[[], Any]) -> Iterator[list]:
+    """Hooks on `model`'s layers of the kinds in `kinds` (by class name) that append (kind, stamp() at entry,
+    stamp() at exit) to the yielded list for each outermost such layer a call runs (a counted layer inside
+    another counts for the outer one). Removed on exit."""
+    marks: list[tuple[str, Any, Any]] = []
+    open_marks: list[tuple[str, Any] | None] = []
+    depth = [0]
+
+    def pre(module, args):
+        open_marks.append((kinds[type(module).__name__], stamp()) if depth[0] == 0 else None)
+        depth[0] += 1
+
+    def post(module, args, output):
+        depth[0] -= 1
+        opened = open_marks.pop()
+        if opened is not None:
+            marks.append((opened[0], opened[1], stamp()))
+
+    handles = []
+    for m in model.modules():
+        if type(m).__name__ in kinds:
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        yield marks
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
                 kinds: dict[str, str] | None = None) -> dict[str, float]:
     """Milliseconds per call of `fn` spent inside `model`'s layers of each kind (`LAYER_KINDS` by class
@@ -213,9 +244,6 @@ def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
     serialised by the measurement), else by wall time. Median over `reps` calls after one warm-up."""
     kinds = LAYER_KINDS if kinds is None else kinds
     cuda = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
-    marks: list[tuple[str, Any, Any]] = []
-    depth = [0]
-    open_marks: list[tuple[str, Any] | None] = []
 
     def stamp() -> Any:
         if cuda:
@@ -224,26 +252,11 @@ def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
             return ev
         return time.perf_counter()
 
-    def pre(module, args):
-        kind = kinds[type(module).__name__]
-        open_marks.append((kind, stamp()) if depth[0] == 0 else None)
-        depth[0] += 1
-
-    def post(module, args, output):
-        depth[0] -= 1
-        opened = open_marks.pop()
-        if opened is not None:
-            marks.append((opened[0], opened[1], stamp()))
-
     def elapsed(a: Any, b: Any) -> float:
         return a.elapsed_time(b) if cuda else (b - a) * 1e3
 
-    handles = []
-    for m in model.modules():
-        if type(m).__name__ in kinds:
-            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     per_call: list[dict[str, float]] = []
-    try:
+    with _layer_marks(model, kinds, stamp) as marks:
         for rep in range(reps + 1):
             marks.clear()
             start = stamp()
@@ -259,11 +272,27 @@ def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
             times["total"] = elapsed(start, end)
             times["other"] = times["total"] - sum(v for k, v in times.items() if k != "total")
             per_call.append(times)
-    finally:
-        for h in handles:
-            h.remove()
     keys = sorted({k for t in per_call for k in t})
     return {k: statistics.median(t.get(k, 0.0) for t in per_call) for k in keys}
+
+
+def layer_flops(model: torch.nn.Module, fn: Callable[[], Any], *,
+                kinds: dict[str, str] | None = None) -> dict[str, int]:
+    """FLOPs of one call of `fn` inside `model`'s layers of each kind, split as `layer_times` splits time
+    (`total`, and `other` for what runs outside the counted layers), counted by torch.utils.flop_counter
+    (matrix products, convolutions, attention): runs on `meta` tensors, so without a GPU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    flops: dict[str, int] = {}
+    with _layer_marks(model, LAYER_KINDS if kinds is None else kinds, counter.get_total_flops) as marks:
+        with counter:
+            fn()
+    for kind, a, b in marks:
+        flops[kind] = flops.get(kind, 0) + b - a
+    flops["total"] = counter.get_total_flops()
+    flops["other"] = flops["total"] - sum(v for k, v in flops.items() if k != "total")
+    return flops
 
 
 def emit(row: dict) -> dict:

@@ -1,7 +1,8 @@
 """`pdengine bench kernels`: each Triton kernel family at the `pixeldance` shapes beside its references.
 
 Providers (one row each, per shape and direction):
-    triton         our kernel (`pdengine.kernels.<family>`)
+    triton         our kernel (`pdengine.kernels.<family>`); the temporal conv as the engine runs it (the
+                   GPU's launch table from `pdengine tune`, else the fused kernels with built-in tiles)
     triton_cublas  temporal_conv only: our block with its forward convs on cuBLAS
                    (`temporal_conv.conv_gemm("cublas", "forward")`), the backward as `triton`
     torch_ref      the eager pure-PyTorch reference (`pdengine.kernels.<family>_ref`)

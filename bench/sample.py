@@ -1,8 +1,9 @@
 """`pdengine bench sample`: end-to-end sampling of the `pixeldance` preset, side by side.
 
-On a GPU (one run, same weights, same schedule, bf16): our static sampler with and without a CUDA graph
-(also with the graph and the temporal convs' forward on cuBLAS, `pdengine_graph_cublas_conv`, and with the
-UNet under `torch.compile` inside the graph, `pdengine_graph_compile`), diffusers' `UNet3DConditionModel` in
+On a GPU (one run, same weights, same schedule, bf16): our static sampler with and without a CUDA graph, the
+temporal convs as the GPU's launch table says (`pdengine tune`; the rows' `conv_table` names it); also with
+the graph and the temporal convs' forward forced onto cuBLAS (`pdengine_graph_cublas_conv`) and with the
+UNet under `torch.compile` inside the graph (`pdengine_graph_compile`); diffusers' `UNet3DConditionModel` in
 a diffusers-style loop (eager, SDPA), and the same under `torch.compile(mode="max-autotune")` (both compiled
 runs use `--compile-mode`); seconds per video, videos/s, UNet FLOPs, MFU against the bf16 matmul peak
 measured in the same run, peak memory, NVML clocks/power, compile/capture time.
@@ -45,12 +46,14 @@ def _diffusers_unet(cfg: dict, device, dtype):
         return UNet3DConditionModel(**fields).to(dtype).eval()
 
 
-def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
-    """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent), counted
-    on meta tensors."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def unet_flops_by_kind(batch: int, frames: int = FRAMES, latent: int = LATENT) -> dict[str, int]:
+    """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent) per layer
+    kind (`bench.common.layer_flops`: temporal conv, temporal attention, spatial ResNet, spatial attention,
+    resample, other) and `total`, counted on meta tensors. The temporal layers' FLOPs are the same math in
+    our layers and diffusers'."""
     from pdengine.model import UNet3D
+
+    from .common import layer_flops
 
     cfg = _unet_config()
     with torch.device("meta"):
@@ -58,9 +61,14 @@ def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
         x = torch.empty(batch, cfg["in_channels"], frames, latent, latent)
         t = torch.zeros(batch, dtype=torch.long)
         ctx = torch.empty(batch, TEXT_LEN, cfg["cross_attention_dim"])
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        unet(x, t, ctx)
-    return counter.get_total_flops()
+    with torch.no_grad():
+        return layer_flops(unet, lambda: unet(x, t, ctx))
+
+
+def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
+    """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent), counted
+    on meta tensors."""
+    return unet_flops_by_kind(batch, frames, latent)["total"]
 
 
 def _meta_step_counts(batch: int) -> dict[str, dict[str, int]]:
@@ -105,7 +113,8 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, int]]:
 def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
     rows = []
     for b in batches:
-        flops_step = unet_flops(2 * b)  # CFG: the UNet runs on [uncond; cond]
+        by_kind = unet_flops_by_kind(2 * b)  # CFG: the UNet runs on [uncond; cond]
+        flops_step = by_kind["total"]
         counts = _meta_step_counts(b)
         # Our row counts the torch backend's step (the reference path: Triton kernels cannot run on meta
         # tensors); the fused kernels' own byte counts are in `pdengine bench kernels --device cpu`.
@@ -118,6 +127,13 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
                 "launches_per_step_eager": counts[key]["ops"],
                 "gb_per_step": round(counts[key]["bytes"] / 1e9, 2),
             })
+        # Where the UNet's FLOPs are, per layer kind: with the GPU's `sample_breakdown` times, the bound on
+        # what faster temporal layers alone can give end to end.
+        rows.append({"bench": "sample_breakdown", "provider": "pixeldance_unet", "device": "cpu", "batch": b,
+                     "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
+                     "unet_call_gflop": round(flops_step / 1e9, 1),
+                     **{f"gflop_{k}": round(v / 1e9, 1) for k, v in by_kind.items() if k != "total"},
+                     **{f"share_{k}": round(v / flops_step, 4) for k, v in by_kind.items() if k != "total"}})
     return rows
 
 
@@ -180,8 +196,9 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
     if compiled is not None:
         samplers["graph_compile"] = static_sampler(True, compile_mode)
 
-    def ours_run(which: str, gemm: str = "triton"):
-        # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured).
+    def ours_run(which: str, gemm: str = "auto"):
+        # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured): "auto"
+        # follows the GPU's launch table (`pdengine tune`), as `pdengine generate` does.
         with torch.no_grad(), conv_gemm(gemm, "forward"):
             return samplers[which].run(x_t, text, uncond, ours.condition_features(c_first),
                                        ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)
@@ -254,10 +271,11 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
     inp = torch.cat([x_t, c_first], dim=1)
     inp, ctx = torch.cat([inp, inp]), torch.cat([uncond, text])
     t = torch.full((2 * b,), 500, device=inp.device)
+    flops = unet_flops_by_kind(2 * b)
     models = {
-        "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "triton"),
+        "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "auto"),
         "pdengine_eager_cublas_conv": (ours, lambda: ours(inp, t, ctx), "cublas"),
-        "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "triton"),
+        "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "auto"),
     }
     rows = []
     for name, (model, call, gemm) in models.items():
@@ -266,8 +284,11 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
         try:
             with torch.no_grad(), conv_gemm(gemm, "forward"):
                 ms = layer_times(model, call)
-            row.update({"status": "ok", "unet_call_ms": ms.pop("total"),
-                        **{f"ms_{kind}": v for kind, v in ms.items()}})
+            row.update({"status": "ok", "unet_call_ms": ms["total"],
+                        **{f"ms_{kind}": v for kind, v in ms.items() if kind != "total"},
+                        # achieved TFLOP/s per layer kind (FLOPs counted on meta, same math in both UNets)
+                        **{f"tflops_{kind}": flops[kind] / v / 1e9 for kind, v in ms.items()
+                           if kind in flops and v > 0}})
         except Exception as e:  # an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
         rows.append(emit(row))

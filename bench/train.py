@@ -125,8 +125,9 @@ def _gpu_rows(preset: str, batches: list[int], steps: int,
                                    "checkpointing": ("full" if lean else "attention") if provider != "diffusers_reference"
                                    else "none"}
             try:
-                # pdengine_cublas_conv: the temporal convs' GEMMs (forward and backward) on cuBLAS.
-                with conv_gemm("cublas" if provider == "pdengine_cublas_conv" else "triton"):
+                # pdengine_cublas_conv: the temporal convs' GEMMs (forward and backward) on cuBLAS; the others
+                # as `pdengine train` runs them (the GPU's launch table, `pdengine tune`).
+                with conv_gemm("cublas" if provider == "pdengine_cublas_conv" else "auto"):
                     row.update(_gpu_measure(provider, b, cfg, abar, steps))
             except Exception as e:  # a failing provider is an explicit row (OOM included)
                 row["status"] = f"error: {type(e).__name__}: {e}"[:500]

@@ -31,11 +31,54 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
     result = CliRunner().invoke(main, ["bench", "sample", "--device", "cpu", "--batch", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
-    assert {r["provider"] for r in rows} == {"pdengine_torch_backend", "diffusers"}
-    for r in rows:
+    sample = [r for r in rows if r["bench"] == "sample"]
+    assert {r["provider"] for r in sample} == {"pdengine_torch_backend", "diffusers"}
+    for r in sample:
         assert r["status"] == "ok" and r["launches_per_step_eager"] > 100 and r["gb_per_step"] > 0
         assert r["unet_gflops_per_video"] > 0 and r["git_sha"] and r["torch"] == torch.__version__
+    (split,) = [r for r in rows if r["bench"] == "sample_breakdown"]
+    kinds = ("temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention", "resample", "other")
+    assert sum(split[f"share_{k}"] for k in kinds) == pytest.approx(1.0, abs=1e-3)
+    assert sum(split[f"gflop_{k}"] for k in kinds) == pytest.approx(split["unet_call_gflop"], rel=1e-3)
+    assert split["unet_call_gflop"] == pytest.approx(unet_flops(2) / 1e9, rel=1e-3)
     assert out.with_suffix(".csv").is_file()
+
+
+def test_layer_flops_split_a_unet_call_like_diffusers():
+    """Per layer kind, our UNet's FLOPs equal diffusers' model with the same config (the same math), and the
+    kinds and `other` add up to the whole call's count."""
+    from pdengine.bench.common import layer_flops
+    from pdengine.model import UNet3D
+
+    cfg = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+               up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8, attention_head_dim=8,
+               cross_attention_dim=16, in_channels=8, out_channels=4)
+    x, ctx = torch.randn(1, 8, 3, 8, 8), torch.randn(1, 5, 16)
+    ours, ref = UNet3D(cfg).eval(), UNet3DConditionModel(**cfg).eval()
+    with torch.no_grad():
+        mine = layer_flops(ours, lambda: ours(x, 10, ctx))
+        theirs = layer_flops(ref, lambda: ref(x, 10, encoder_hidden_states=ctx))
+        with FlopCounterMode(display=False) as counter:
+            ref(x, 10, encoder_hidden_states=ctx)
+    assert mine == theirs and mine["total"] == counter.get_total_flops()
+    assert all(mine[k] > 0 for k in ("temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention"))
+    assert sum(v for k, v in mine.items() if k != "total") == mine["total"]
+
+
+def test_layer_flops_count_a_known_layer():
+    from pdengine.bench.common import layer_flops
+
+    class Outer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = torch.nn.Sequential(Outer(), torch.nn.Linear(8, 3))
+    flops = layer_flops(model, lambda: model(torch.zeros(5, 4)), kinds={"Outer": "outer"})
+    assert flops == {"outer": 2 * 5 * 4 * 8, "other": 2 * 5 * 8 * 3, "total": 2 * 5 * (4 * 8 + 8 * 3)}
 
 
 def test_bench_train_cpu_counts_saved_activations(tmp_path):
