@@ -741,6 +741,8 @@ def conv_gemm(name: str, direction: str = "both") -> Iterator[None]:
 
 
 set_conv_gemm(os.environ.get("PDENGINE_CONV_GEMM", "auto"))  # a bad value fails the import, here
+if os.environ.get(conv_table.TABLE_ENV):
+    conv_table.read(os.environ[conv_table.TABLE_ENV])  # likewise a bad PDENGINE_CONV_TABLE, naming the file
 
 _UNSET = object()
 _TABLE_OVERRIDE: list = [_UNSET]  # launch_table(): one table (or None, the built-in tiles) for every device
@@ -774,8 +776,8 @@ def table_for(device: torch.device) -> ConvTable | None:
         for problem in problems:
             logger.warning("pdengine temporal conv: %s", problem)
         if table is None:
-            logger.warning("pdengine temporal conv: no launch table tuned for %s: built-in tiles, fused Triton "
-                           "GEMMs (`pdengine tune` measures one in about a minute)", name)
+            logger.warning("pdengine temporal conv: no launch table tuned for %s (`pdengine tune` measures one): "
+                           "'auto' runs the fused Triton kernels with built-in tiles", name)
         else:
             logger.info("pdengine temporal conv: launch table %s", table.describe())
         _TABLES[key] = table

@@ -135,7 +135,7 @@ def parse(data: Any, source: str) -> ConvTable:
     return ConvTable(data["device"], source, entries, meta if isinstance(meta, dict) else {})
 
 
-def read(path: Path) -> ConvTable:
+def read(path: Path | str) -> ConvTable:
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -95,6 +95,19 @@ def test_where_a_table_is_found(tmp_path, monkeypatch):
         ct.find(name)
 
 
+def test_a_bad_table_in_the_environment_fails_the_import(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"device": "g", "entries": [entry("fwd", [48, 16, 16, 4, 2, False])]}))
+    env = {**os.environ, ct.TABLE_ENV: str(bad)}
+    run = subprocess.run([sys.executable, "-c", "import pdengine.kernels.temporal_conv"], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and f"{bad}: entry 0: block_m must be one of" in run.stderr
+
+
 def test_a_cuda_device_finds_its_table_once_and_says_which(monkeypatch, caplog):
     """table_for on a CUDA device: looks the GPU's table up on first use (by name: faked here) and keeps it;
     a GPU without one gets one warning line."""
