@@ -109,6 +109,12 @@ def _divisibility_attrs(spec: CompileSpec) -> dict[tuple[int, ...], list[list[An
     unknown = set(spec.divisible) - set(spec.signature)
     if unknown:
         raise ValueError(f"{spec.name}: divisible names unknown arguments {sorted(unknown)}")
+    # A tl.constexpr parameter left out of the constants (one with a default, say) would compile as a runtime
+    # argument: a variant with both branches of every `if` on it, which no launch ever runs.
+    params = inspect.signature(getattr(spec.fn, "fn", spec.fn)).parameters.values()
+    missing = [p.name for p in params if "constexpr" in str(p.annotation) and p.name not in spec.constexprs]
+    if missing:
+        raise ValueError(f"{spec.name}: constexpr arguments {missing} need values in the spec's constants")
     names = list(spec.fn.arg_names)  # positions as the JITFunction numbers its arguments
     return {(names.index(name),): [["tt.divisibility", 16]] for name, kind in spec.signature.items()
             if kind.startswith("*") or (name in spec.divisible and kind != "constexpr")}

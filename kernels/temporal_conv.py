@@ -1668,7 +1668,7 @@ def compile_specs() -> list[CompileSpec]:
             for stats, res in ((True, False), (False, True)):
                 add("stage_fwd", _stage_fwd_kernel,
                     {"HAS_RESIDUAL": res, "HAS_STATS": stats, "HAS_DROPOUT": True, "DOT_PRECISION": "tf32",
-                     "BLOCK_O": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_k},
+                     "BLOCK_O": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_C": cfg.block_k, "PRENORM": False},
                     cfg.num_warps, cfg.num_stages, True)
             # The prenorm variant at the same tiles (what `pdengine bench conv-configs` compares against).
             add("stage_fwd_prenorm", _stage_fwd_kernel,

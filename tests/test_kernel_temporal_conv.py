@@ -550,6 +550,12 @@ def test_compile_specs_carry_the_launchers_divisibility_specialization():
     assert "seed" not in marked and "NT" not in marked
     with pytest.raises(ValueError, match="unknown arguments"):
         _divisibility_attrs(replace(spec, divisible=("no_such_arg",)))
+    # Every constexpr has a value: one left out (PRENORM has a default) would compile as a runtime argument,
+    # a variant no launch runs.
+    assert spec.constexprs["PRENORM"] is False
+    without = {k: v for k, v in spec.constexprs.items() if k != "PRENORM"}
+    with pytest.raises(ValueError, match=r"constexpr arguments \['PRENORM'\]"):
+        _divisibility_attrs(replace(spec, constexprs=without))
 
 
 def test_compile_sm80_sm90_no_spills_and_mma():
