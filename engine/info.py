@@ -106,17 +106,17 @@ def _conv_table() -> str:
 
     if not torch.cuda.is_available():
         return "no CUDA device (the CPU runs the built-in tiles)"
+    name = torch.cuda.get_device_name(torch.cuda.current_device())
     try:
-        from pdengine.kernels import temporal_conv
-        from pdengine.kernels.temporal_conv_table import user_path
+        from pdengine.kernels.temporal_conv_table import find, user_path
 
-        table = temporal_conv.table_for(torch.device("cuda", torch.cuda.current_device()))
+        table, problems = find(name)  # where the engine looks, without its log lines
     except Exception as e:  # a bad PDENGINE_CONV_TABLE: said, not hidden
         return f"unavailable: {type(e).__name__}: {e}"
+    skipped = "".join(f"; {p}" for p in problems)
     if table is None:
-        name = torch.cuda.get_device_name(torch.cuda.current_device())
-        return f"none for {name}: built-in tiles (`pdengine tune` writes {user_path(name)})"
-    return table.describe()
+        return f"none for {name}: built-in tiles (`pdengine tune` writes {user_path(name)}){skipped}"
+    return table.describe() + skipped
 
 
 def _presets() -> dict[str, int | str] | str:
