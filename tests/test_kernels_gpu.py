@@ -91,6 +91,28 @@ def test_temporal_conv_mixed_launch_table_bf16(gpu, c, hw):
                                    name=f"temporal conv {what} C{c} {hw}x{hw}, mixed table")
 
 
+def test_tune_sweep_makes_a_table_the_block_follows(gpu):
+    """`pdengine tune`'s path at one small level: the timed quick sweep, the table it makes (every kind has an
+    entry, times are positive), and the block run under that table against the reference."""
+    from pdengine.bench import conv_configs as CC
+    from pdengine.kernels import temporal_conv as tc
+    from pdengine.kernels.temporal_conv_ref import temporal_conv_block_ref
+
+    c, side = 320, 8
+    rows = CC.sweep("cuda", levels=((c, side),), quick=True)
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), [r["status"] for r in rows]
+    table, extra = CC.table_from_rows(rows, torch.cuda.get_device_name())
+    assert {k[0] for k in table.entries} == {"fwd", "dgrad", "wgrad"}
+    norms, convs = _temporal_conv_params(c, gpu, seed=2)
+    x32 = torch.randn(2 * 16, c, side, side, device=gpu)
+    lp = lambda pairs: [(w.to(BF16), bb.to(BF16)) for w, bb in pairs]  # noqa: E731
+    with tc.launch_table(table):
+        out = tc.temporal_conv_block(x32.to(BF16), 16, lp(norms), lp(convs), groups=32)
+    ref16 = temporal_conv_block_ref(x32.to(BF16), 16, lp(norms), lp(convs), groups=32)
+    ref32 = temporal_conv_block_ref(x32, 16, norms, convs, groups=32)
+    assert_low_precision_close(out, ref16, ref32, name="temporal conv under a tuned table")
+
+
 def test_window_gemm_reads_the_overlapping_windows_in_place(gpu):
     """The cuBLAS variant's batched GEMM over overlapping three-frame windows: right values, and no copy of
     the windows (a copy would allocate 3x the output on top of it)."""
