@@ -9,10 +9,12 @@ the table swapped for the candidate:
   * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward);
   * `wgrad`: the conv weight's gradient (split over the columns into partials, then summed).
 Each kind also has the `cublas` candidate: the same stage through `temporal_conv.conv_gemm("cublas")` (the
-activation or gradient written with frame padding in its own pass, the GEMMs on cuBLAS).
+activation or gradient written with frame padding in its own pass, the GEMMs on cuBLAS), and the forward
+`cublas_im2col` (the windows as one im2col matrix, the conv a single GEMM).
 Every row carries the candidate's error against the fp32 PyTorch reference (a configuration that computes
 something else is reported as such, never timed as a winner), and on a GPU its median time and TFLOP/s
-(2 C_out C_in 3 B F H W per stage). The table's own choice is marked `default`. On the CPU (Triton
+(2 C_out C_in 3 B F H W per stage). The built-in choice is marked `default`; `pdengine tune` turns the
+timed rows into this GPU's launch table (`table_from_rows`). On the CPU (Triton
 interpreter) only the errors are computed, at whatever small shape the caller gives: that checks the
 candidates are valid launches, not their speed.
 """
@@ -33,6 +35,8 @@ LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # (channels, side) of the
 VIDEOS, FRAMES, GROUPS = 2, 16, 32
 
 CUBLAS = ("cublas",)  # the cuBLAS variant of a kind (no launch table)
+CUBLAS_IM2COL = ("cublas_im2col",)  # the forward's single-GEMM cuBLAS variant (an im2col matrix of the windows)
+_CUBLAS_VARIANTS = (CUBLAS, CUBLAS_IM2COL)
 # (block_m, block_n, block_k, num_warps, num_stages[, prenorm]): around the current table, wider row tiles (less
 # recompute of the normalised operand: 3 x C_out / block_m times), deeper K chunks, more stages. Only
 # tiles that compile for sm90 without spills in the training variant (dropout, statistics, residual on):
@@ -56,6 +60,7 @@ FWD_CANDIDATES = (
     (128, 128, 64, 8, 4, True),
     (256, 64, 64, 8, 3, True),
     CUBLAS,
+    CUBLAS_IM2COL,
 )
 DGRAD_CANDIDATES = (
     (64, 64, 32, 4, 3),
@@ -78,7 +83,7 @@ WGRAD_CANDIDATES = (
     (64, 128, 32, 0, 8, 2),
     CUBLAS,
 )
-QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True), CUBLAS),
+QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True), CUBLAS, CUBLAS_IM2COL),
          "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3), CUBLAS),
          "wgrad": ((64, 64, 32, 1, 8, 2), (128, 64, 32, 0, 8, 2), CUBLAS)}
 KINDS = ("fwd", "dgrad", "wgrad")
@@ -86,7 +91,8 @@ KINDS = ("fwd", "dgrad", "wgrad")
 
 @contextlib.contextmanager
 def _table(kind: str, config: tuple | None) -> Iterator[None]:
-    """Run one candidate: None leaves everything as it is; `CUBLAS` puts the kind's direction on cuBLAS;
+    """Run one candidate: None leaves everything as it is; `CUBLAS` (or `CUBLAS_IM2COL`) puts the kind's
+    direction on that cuBLAS variant;
     any other candidate puts it on the Triton kernels with the launch table swapped for that candidate."""
     from pdengine.kernels import temporal_conv as tc
 
@@ -94,8 +100,8 @@ def _table(kind: str, config: tuple | None) -> Iterator[None]:
         yield
         return
     direction = "forward" if kind == "fwd" else "backward"
-    if config == CUBLAS:
-        with tc.conv_gemm("cublas", direction):
+    if config in _CUBLAS_VARIANTS:
+        with tc.conv_gemm(config[0], direction):
             yield
         return
     if kind == "wgrad" and not config[3]:
@@ -117,8 +123,9 @@ def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int
     num_stages, prenorm); for wgrad (block_o, block_c, block_n, split, num_warps, num_stages)."""
     from pdengine.kernels import temporal_conv as tc
 
-    if tc._CONV_GEMM["forward" if kind == "fwd" else "backward"] == "cublas":
-        return CUBLAS
+    mode = tc._CONV_GEMM["forward" if kind == "fwd" else "backward"]
+    if mode in ("cublas", "cublas_im2col"):  # (set_conv_gemm keeps im2col to the forward)
+        return (mode,)
     if kind == "wgrad":
         return tuple(tc._wgrad_config(c, c, videos, frames * hw))
     fn = tc._gemm_config if kind == "fwd" else tc._dgrad_config
@@ -126,9 +133,9 @@ def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int
 
 
 def config_name(kind: str, config: tuple) -> str:
-    """"128x64x32 w8 s3" (+ " prenorm"); wgrad "64x64x32 split4 w8 s2"; "cublas"."""
-    if config == CUBLAS:
-        return "cublas"
+    """"128x64x32 w8 s3" (+ " prenorm"); wgrad "64x64x32 split4 w8 s2"; "cublas"; "cublas_im2col"."""
+    if config in _CUBLAS_VARIANTS:
+        return config[0]
     if kind == "wgrad":
         o, c, n, split, warps, stages = config
         return f"{o}x{c}x{n} split{split or 'auto'} w{warps} s{stages}"
@@ -185,8 +192,8 @@ def _runner(kind: str, x, gamma, beta, weight, bias, g, frames: int, groups: int
 def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple:
     """A candidate as the launcher will see it: GEMM kinds get prenorm (default False); wgrad's split 0
     becomes the split the table's rule gives that tile (about one wave of programs)."""
-    if config == CUBLAS:
-        return CUBLAS
+    if config in _CUBLAS_VARIANTS:
+        return config
     if kind != "wgrad":
         return tuple(config[:5]) + (bool(config[5]) if len(config) > 5 else False,)
     from pdengine.kernels import temporal_conv as tc
@@ -196,17 +203,18 @@ def _normalise(kind: str, config: tuple, c: int, videos: int, fhw: int) -> tuple
 
 
 def _table_entry(kind: str, candidate: tuple) -> str | list:
-    """A candidate as a launch table entry (`kernels/temporal_conv_table.py`): "cublas" or the tile's list."""
-    if candidate == CUBLAS:
-        return "cublas"
+    """A candidate as a launch table entry (`kernels/temporal_conv_table.py`): "cublas", "cublas_im2col" or
+    the tile's list."""
+    if candidate in _CUBLAS_VARIANTS:
+        return candidate[0]
     if kind == "wgrad":
         return list(candidate)
     return [*candidate[:5], bool(candidate[5]) if len(candidate) > 5 else False]
 
 
 def _fields(kind: str, config: tuple) -> dict[str, Any]:
-    if config == CUBLAS:
-        return {"cublas": True}
+    if config in _CUBLAS_VARIANTS:
+        return {"cublas": True, "im2col": config == CUBLAS_IM2COL}
     names = (("block_o", "block_c", "block_n", "split", "num_warps", "num_stages") if kind == "wgrad" else
              ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm"))
     return dict(zip(names, config))
@@ -232,7 +240,7 @@ def sweep(device: str, levels: Iterable[tuple[int, int]] = LEVELS, quick: bool =
         for kind in kinds:
             ref = expected[kind]
             default_raw = default_config(kind, c, hw, frames, videos)
-            if kind == "wgrad" and default_raw != CUBLAS:
+            if kind == "wgrad" and default_raw not in _CUBLAS_VARIANTS:
                 default_raw = (*default_raw[:3], 0, *default_raw[4:])  # its split is the built-in rule's
             default = _normalise(kind, default_raw, c, videos, frames * hw)
             candidates = QUICK[kind] if quick else {"fwd": FWD_CANDIDATES, "dgrad": DGRAD_CANDIDATES,
@@ -321,7 +329,7 @@ def table_from_rows(rows: list[dict[str, Any]], device_name: str,
     entries, extra = [], {}
     for key, rs in sorted(groups.items()):
         best = min(rs, key=lambda r: r["median_ms"])
-        tiles = [r for r in rs if r["table_entry"] != ct.CUBLAS]
+        tiles = [r for r in rs if isinstance(r["table_entry"], list)]
         fastest_tile = min(tiles, key=lambda r: r["median_ms"]) if tiles else None
         builtin = next((r for r in rs if r["default"]), None)
         kind, dtype, c_out, c_in, hw = key

@@ -579,8 +579,9 @@ def _pad_kernel(
     center_ptr, scale_ptr, shift_ptr,  # (B, C) fp32, as in _stage_fwd_kernel (read when ACT)
     ROWS, C, F, HW, seed, p_drop, drop_scale,  # ROWS = B*(F+2)*C, the padded (video, frame, channel) rows
     STRIDE_F, STRIDE_C, STRIDE_F2, STRIDE_C2,
+    N_WINDOWS, TAP_STRIDE,  # TAPS = 3: the windows (columns) and the offset between the taps' row blocks
     ACT: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_OUT2: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, TAPS: tl.constexpr = 1,
 ):
     # The cuBLAS variant's operands: each video's frames written between a zero frame before and after, so
     # the conv over frames (or its transpose) becomes one batched GEMM over overlapping three-frame windows
@@ -589,6 +590,9 @@ def _pad_kernel(
     # (C, columns) slice for the weight gradient. With ACT the source is a stage input and the written value
     # is the activation dropout(silu(GroupNorm(h))): the fused prologue's arithmetic and dropout mask (Philox
     # on the element's flat index in the unpadded layout); else the source is copied.
+    # TAPS = 3 writes the im2col matrix of the windows instead (`_stage_forward_cublas`, im2col): row block k
+    # (at TAP_STRIDE = C * N_WINDOWS * HW - HW past the channel-major destination) holds padded frame j + k
+    # in column block j, so padded frame jp goes to column block jp - k of row block k.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     r_ok = rows < ROWS
@@ -611,20 +615,28 @@ def _pad_kernel(
             a = tl.where(tl.rand(seed, src) >= p_drop, a * drop_scale, 0.0)
         v = _cast(tl.where(mask, a, 0.0), out_ptr.dtype.element_ty, INTERPRETED)
     store_mask = r_ok[:, None] & p_ok[None, :]
-    tl.store(out_ptr + (jp * STRIDE_F + c * STRIDE_C)[:, None] + offs_p[None, :], v, mask=store_mask)
+    dst = out_ptr + (jp * STRIDE_F + c * STRIDE_C)[:, None] + offs_p[None, :]
+    if TAPS == 3:
+        for k in tl.static_range(3):
+            tap_ok = (jp >= k) & (jp - k < N_WINDOWS)
+            tl.store(dst + k * TAP_STRIDE, v, mask=store_mask & tap_ok[:, None])
+    else:
+        tl.store(dst, v, mask=store_mask)
     if HAS_OUT2:
         tl.store(out2_ptr + (jp * STRIDE_F2 + c * STRIDE_C2)[:, None] + offs_p[None, :], v, mask=store_mask)
 
 
 @triton.jit
 def _gemm_epilogue_kernel(
-    z_ptr,  # (B*(F+2) - 2, C, HW) the windowed GEMM's output: row b*(F+2) + f is video b's frame f
+    z_ptr,  # the GEMM's output over the windows: window b*(F+2) + f is video b's frame f; its (channel,
+    # window, pixel) element at c * STRIDE_ZC + window * STRIDE_ZW + p: (windows, C, HW) from the windowed
+    # GEMM, (C, windows * HW) from the im2col one
     bias_ptr,  # (C,)
     res_ptr,  # (B*F, C, HW) residual, read when HAS_RESIDUAL
     y_ptr,  # (B*F, C, HW) out
     pmean_ptr,  # (B, NT, C) fp32: per-row means of the stored y, written when HAS_STATS
     pm2_ptr,  # (B, NT, C) fp32: per-row sums of squared deviations from the row mean
-    C, F, HW, NT,
+    C, F, HW, NT, STRIDE_ZC, STRIDE_ZW,
     HAS_RESIDUAL: tl.constexpr, HAS_STATS: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -633,7 +645,7 @@ def _gemm_epilogue_kernel(
     # stored values.
     b = tl.program_id(2)
     offs_c, c_ok, n_ok, f, p, mask = _channel_tile(C, F, HW, BLOCK_C, BLOCK_N)
-    z = tl.load(z_ptr + offs_c[:, None] * HW + ((b * (F + 2) + f) * (C * HW) + p)[None, :], mask=mask,
+    z = tl.load(z_ptr + offs_c[:, None] * STRIDE_ZC + ((b * (F + 2) + f) * STRIDE_ZW + p)[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     acc = z + tl.load(bias_ptr + offs_c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
     offs = offs_c[:, None] * HW + ((b * F + f) * (C * HW) + p)[None, :]
@@ -677,6 +689,7 @@ class _GemmConfig(NamedTuple):
     # conv as one cuBLAS batched GEMM over overlapping three-frame windows, then bias / residual / the next
     # GroupNorm's statistics in `_gemm_epilogue_kernel` (block_* fields unused). See _stage_forward_cublas.
     cublas: bool = False
+    im2col: bool = False  # with cublas: the windows written as one im2col matrix, the conv a single GEMM
 
 
 class _WgradConfig(NamedTuple):
@@ -705,7 +718,7 @@ def _gemm_config(rows: int, red: int, hw: int, fhw: int) -> _GemmConfig:
     return _GemmConfig(block_m, block_n, block_k, num_warps, 3)
 
 
-CONV_GEMMS = ("auto", "triton", "cublas")
+CONV_GEMMS = ("auto", "triton", "cublas", "cublas_im2col")
 _DIRECTIONS = ("forward", "backward")
 _CONV_GEMM = {"forward": "auto", "backward": "auto"}
 
@@ -717,7 +730,9 @@ def set_conv_gemm(name: str, direction: str = "both") -> dict[str, str]:
         built-in tiles;
       * "triton": the fused implicit-GEMM kernels, with the table's fastest Triton tile where it has one;
       * "cublas": the activation / gradient written with frame padding in its own pass, then cuBLAS over
-        overlapping frame windows.
+        overlapping frame windows;
+      * "cublas_im2col": forward only (the backward then runs "cublas"): the windows written as one im2col
+        matrix, the conv one GEMM over all of them.
     Returns the previous choice of both directions. PDENGINE_CONV_GEMM (one name, both directions) sets
     it at import."""
     if name not in CONV_GEMMS:
@@ -726,7 +741,7 @@ def set_conv_gemm(name: str, direction: str = "both") -> dict[str, str]:
         raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
     previous = dict(_CONV_GEMM)
     for d in _DIRECTIONS if direction == "both" else (direction,):
-        _CONV_GEMM[d] = name
+        _CONV_GEMM[d] = "cublas" if d == "backward" and name == "cublas_im2col" else name
     return previous
 
 
@@ -791,17 +806,24 @@ def _entry(kind: str, x: torch.Tensor, c_out: int, c_in: int, hw: int) -> conv_t
     return table.lookup(kind, conv_table.dtype_name(x.dtype), c_out, c_in, hw)
 
 
-def _use_cublas(direction: str, entry: conv_table.Entry | None) -> bool:
+def _cublas_variant(direction: str, entry: conv_table.Entry | None) -> str | None:
+    """None when the stage runs the Triton kernels, else its cuBLAS variant: "cublas" or (forward only)
+    "cublas_im2col"; from the mode, and under "auto" from the table's entry."""
     mode = _CONV_GEMM[direction]
-    return mode == "cublas" or (mode == "auto" and entry is not None and entry.best == conv_table.CUBLAS)
+    if mode == "auto":
+        mode = entry.best if entry is not None and isinstance(entry.best, str) else "triton"
+    if mode == "triton":
+        return None
+    return mode if direction == "forward" else "cublas"  # (a table's im2col is a forward entry only)
 
 
 def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -> _GemmConfig:
-    """The forward stage's launch: `cublas` set when it runs on cuBLAS, else the Triton tile (the table's,
-    or the built-in one)."""
+    """The forward stage's launch: `cublas` (and `im2col`) set when it runs on cuBLAS, else the Triton tile
+    (the table's, or the built-in one)."""
     entry = _entry("fwd", x, c_out, c_in, hw)
-    if _use_cublas("forward", entry):
-        return _gemm_config(c_out, c_in, hw, fhw)._replace(cublas=True)
+    variant = _cublas_variant("forward", entry)
+    if variant is not None:
+        return _gemm_config(c_out, c_in, hw, fhw)._replace(cublas=True, im2col=variant == "cublas_im2col")
     if entry is not None and entry.triton is not None:
         return _GemmConfig(*entry.triton)
     return _gemm_config(c_out, c_in, hw, fhw)
@@ -813,10 +835,10 @@ def _backward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int,
     d_entry = _entry("dgrad", x, c_out, c_in, hw)
     w_entry = _entry("wgrad", x, c_out, c_in, hw)
     dgrad = wgrad = None
-    if not _use_cublas("backward", d_entry):
+    if _cublas_variant("backward", d_entry) is None:
         dgrad = _GemmConfig(*d_entry.triton) if d_entry is not None and d_entry.triton is not None else \
             _dgrad_config(c_in, c_out, hw, fhw)
-    if not _use_cublas("backward", w_entry):
+    if _cublas_variant("backward", w_entry) is None:
         if w_entry is not None and w_entry.triton is not None:
             o, c, n, split, warps, stages = w_entry.triton
             wgrad = _WgradConfig(o, c, n, split or _wgrad_split(c_out, c_in, b, fhw, o, c, n), warps, stages)
@@ -978,7 +1000,8 @@ def _stage_forward(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias:
     y = torch.empty(bf, c_out, hh, ww, device=h.device, dtype=h.dtype) if out is None else out
     if cfg.cublas:
         return _stage_forward_cublas(h, num_frames, weight, bias, stats, residual=residual, next_norm=next_norm,
-                                     groups=groups, eps=eps, dropout_p=dropout_p, seed=seed, out=y)
+                                     groups=groups, eps=eps, dropout_p=dropout_p, seed=seed, out=y,
+                                     im2col=cfg.im2col)
     nt = triton.cdiv(fhw, cfg.block_n)
     pmean, pm2 = _stat_partials(b, nt, c_out, next_norm, stats)
     grid = (triton.cdiv(c_out, cfg.block_m), nt, b)
@@ -1019,8 +1042,8 @@ def _stat_partials(b: int, nt: int, c: int, next_norm: tuple | None,
 
 def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor, bias: torch.Tensor,
                           stats: GroupNormStats, *, residual: torch.Tensor | None, next_norm: tuple | None,
-                          groups: int, eps: float, dropout_p: float, seed: int,
-                          out: torch.Tensor) -> tuple[torch.Tensor, GroupNormStats | None]:
+                          groups: int, eps: float, dropout_p: float, seed: int, out: torch.Tensor,
+                          im2col: bool = False) -> tuple[torch.Tensor, GroupNormStats | None]:
     """`_stage_forward` with the conv on cuBLAS. With the activation stored as (B*(F+2), C_in, HW), each
     video's frames between zero frames, output frame f of video b reads padded frames j..j+2 for
     j = b*(F+2) + f, and those three frames are one contiguous (3*C_in, HW) block: window j is the matrix at
@@ -1028,18 +1051,28 @@ def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor
     out[j] = W (C_out, 3*C_in) @ window[j], over j = 0 .. B*(F+2) - 3, with no copy of the windows; the two
     windows per video that straddle a video boundary (j = b*(F+2) + F, + F + 1) compute junk that the
     epilogue pass skips (2 / (F+2) of the FLOPs: 11% at 16 frames). Passes: activation (read h, write a
-    padded), GEMM (read a, write z), epilogue (read z [+ residual], write y, statistics)."""
+    padded), GEMM (read a, write z), epilogue (read z [+ residual], write y, statistics).
+
+    With im2col the activation pass writes each window's three frames as a column block of one
+    (3*C_in, windows*HW) matrix (three times the activation's bytes), and the conv is a single GEMM with
+    windows*HW columns instead of `windows` GEMMs of HW columns each: at the 8x8 and 4x4 levels (64 and 16
+    columns per window) the batched GEMM's matrices are thin, the single one is not."""
     bf, c_in, hh, ww = h.shape
     c_out = weight.shape[0]
     b, hw = bf // num_frames, hh * ww
     fp = num_frames + 2
-    (a,) = _padded(h, num_frames, act=(stats, dropout_p, seed))
+    (a,) = _padded(h, num_frames, act=(stats, dropout_p, seed), im2col=im2col)
     n_windows = b * fp - 2
-    z = _window_gemm(_conv_matrix(weight), a, n_windows)
+    if im2col:
+        z = torch.mm(_conv_matrix(weight), a)  # (C_out, windows * HW)
+        z_strides = (n_windows * hw, hw)
+    else:
+        z = _window_gemm(_conv_matrix(weight), a, n_windows)  # (windows, C_out, HW)
+        z_strides = (hw, c_out * hw)
     nt = triton.cdiv(num_frames * hw, _STATS_BLOCK_N)
     pmean, pm2 = _stat_partials(b, nt, c_out, next_norm, stats)
     _gemm_epilogue_kernel[(triton.cdiv(c_out, _STATS_BLOCK_C), nt, b)](
-        z, bias, residual if residual is not None else out, out, pmean, pm2, c_out, num_frames, hw, nt,
+        z, bias, residual if residual is not None else out, out, pmean, pm2, c_out, num_frames, hw, nt, *z_strides,
         HAS_RESIDUAL=residual is not None, HAS_STATS=next_norm is not None, INTERPRETED=_interpreted(h),
         BLOCK_C=_STATS_BLOCK_C, BLOCK_N=_STATS_BLOCK_N, num_warps=4,
     )
@@ -1049,15 +1082,21 @@ def _stage_forward_cublas(h: torch.Tensor, num_frames: int, weight: torch.Tensor
 
 
 def _padded(x: torch.Tensor, num_frames: int, *, channel_major: Sequence[bool] = (False,),
-            act: tuple[GroupNormStats, float, int] | None = None) -> list[torch.Tensor]:
+            act: tuple[GroupNormStats, float, int] | None = None, im2col: bool = False) -> list[torch.Tensor]:
     """x (B*F, C, H, W) with a zero frame before and after each video, in one or two layouts (one pass over
     x): frame-major (B*(F+2), C, H*W) or channel-major (C, B*(F+2)*H*W). With act = (stats, dropout_p,
-    seed) the values written are the stage activation dropout(silu(GroupNorm(x)))."""
+    seed) the values written are the stage activation dropout(silu(GroupNorm(x))). With im2col, instead the
+    one (3*C, windows*H*W) matrix whose column block j stacks padded frames j, j+1, j+2 (windows =
+    B*(F+2) - 2): each window's three frames as one plain GEMM operand."""
     bf, c, hh, ww = x.shape
     hw = hh * ww
     jp = (bf // num_frames) * (num_frames + 2)
+    n_windows = jp - 2
     outs, strides = [], []
-    for cm in channel_major:
+    if im2col:
+        outs.append(torch.empty((3 * c, n_windows * hw), device=x.device, dtype=x.dtype))
+        strides.append((hw, n_windows * hw))
+    for cm in () if im2col else channel_major:
         outs.append(torch.empty((c, jp * hw) if cm else (jp, c, hw), device=x.device, dtype=x.dtype))
         strides.append((hw, jp * hw) if cm else (c * hw, hw))
     if act is None:
@@ -1070,8 +1109,9 @@ def _padded(x: torch.Tensor, num_frames: int, *, channel_major: Sequence[bool] =
     grid, block_r, block_p = _row_pixel_grid(jp * c, hw)
     _pad_kernel[grid](
         x, outs[0], outs[-1], center, scale, shift, jp * c, c, num_frames, hw, seed, p, _drop_scale(p),
-        *strides[0], *strides[-1], ACT=act is not None, HAS_DROPOUT=p > 0, HAS_OUT2=len(outs) > 1,
-        INTERPRETED=_interpreted(x), BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4,
+        *strides[0], *strides[-1], n_windows, c * n_windows * hw - hw, ACT=act is not None, HAS_DROPOUT=p > 0,
+        HAS_OUT2=len(outs) > 1, INTERPRETED=_interpreted(x), BLOCK_R=block_r, BLOCK_P=block_p,
+        TAPS=3 if im2col else 1, num_warps=4,
     )
     return outs
 
@@ -1622,7 +1662,7 @@ _FLOAT_ARGS = {"p_drop", "drop_scale", "eps", "inv_n"}
 # Int arguments that are multiples of 16 at the preset (C in {320, 640, 1280}, F = 16, H*W in {1024, 256, 64,
 # 16}, the packed weight's strides C_in and C_out*C_in, rows B*F*C): the launcher specializes on that.
 _DIVISIBLE_AT_PRESET = {"C_in", "C_out", "C", "F", "HW", "stride_w_o", "stride_w_k", "ROWS", "STRIDE_F", "STRIDE_C",
-                        "STRIDE_F2", "STRIDE_C2"}
+                        "STRIDE_F2", "STRIDE_C2", "TAP_STRIDE", "STRIDE_ZC", "STRIDE_ZW"}
 _FP32_PTRS = {"center_ptr", "scale_ptr", "shift_ptr", "pmean_ptr", "pm2_ptr", "mean_ptr", "rstd_ptr", "ps1_ptr",
               "ps2_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "coef_a_ptr", "coef_b_ptr", "coef_c_ptr"}
 
@@ -1690,10 +1730,11 @@ def compile_specs() -> list[CompileSpec]:
                 False)
             # The cuBLAS variant's passes (set_conv_gemm("cublas")).
             _, block_r, block_p = _row_pixel_grid(b * (f + 2) * c, hw)
-            add("pad", _pad_kernel, {"ACT": True, "HAS_DROPOUT": True, "HAS_OUT2": False, "BLOCK_R": block_r,
-                                     "BLOCK_P": block_p}, 4, 3, False)
+            for taps in (1, 3):  # 3: the im2col matrix of the single-GEMM forward (cublas_im2col)
+                add("pad", _pad_kernel, {"ACT": True, "HAS_DROPOUT": True, "HAS_OUT2": False, "BLOCK_R": block_r,
+                                         "BLOCK_P": block_p, "TAPS": taps}, 4, 3, False)
             add("pad", _pad_kernel, {"ACT": False, "HAS_DROPOUT": False, "HAS_OUT2": True, "BLOCK_R": block_r,
-                                     "BLOCK_P": block_p}, 4, 3, False)
+                                     "BLOCK_P": block_p, "TAPS": 1}, 4, 3, False)
     for stats, res in ((True, False), (False, True)):
         add("gemm_epilogue", _gemm_epilogue_kernel,
             {"HAS_RESIDUAL": res, "HAS_STATS": stats, "BLOCK_C": _STATS_BLOCK_C, "BLOCK_N": _STATS_BLOCK_N}, 4, 3,

@@ -1,12 +1,12 @@
 """Per-GPU launch table of the temporal conv (`temporal_conv.py`): for each kind of stage GEMM (`fwd`: the
 conv, `dgrad`: its transpose, `wgrad`: the weight gradient), dtype and shape (C_out, C_in, H*W), which GEMM
-runs (the fused Triton kernels or cuBLAS) and which Triton tile, as measured on one GPU model by
-`pdengine tune` (the launch-configuration sweep of `bench/conv_configs.py`, every candidate checked against
-the fp32 reference before it is timed).
+runs (the fused Triton kernels or cuBLAS, for the forward also cuBLAS on an im2col matrix) and which Triton
+tile, as measured on one GPU model by `pdengine tune` (the launch-configuration sweep of
+`bench/conv_configs.py`, every candidate checked against the fp32 reference before it is timed).
 
 A table is a JSON file: {"device": GPU name, "meta": {versions, git sha, batch, frames, when}, "entries":
-[{"kind", "dtype", "c_out", "c_in", "hw", "best": "cublas" | tile, "triton": tile, "best_ms",
-"triton_ms", "builtin_ms"}]}; a tile is the list of `_GemmConfig` fields (block_m, block_n, block_k,
+[{"kind", "dtype", "c_out", "c_in", "hw", "best": "cublas" | "cublas_im2col" | tile, "triton": tile,
+"best_ms", "triton_ms", "builtin_ms"}]}; a tile is the list of `_GemmConfig` fields (block_m, block_n, block_k,
 num_warps, num_stages, prenorm) or, for wgrad, of `_WgradConfig` (block_o, block_c, block_n, split, num_warps,
 num_stages; split 0: the built-in rule for the batch at hand). Lookups are exact: a shape or dtype the
 table does not hold runs the built-in tiles (`_gemm_config`, `_dgrad_config`, `_wgrad_config`).
@@ -30,6 +30,7 @@ from typing import Any
 KINDS = ("fwd", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32")
 CUBLAS = "cublas"
+CUBLAS_IM2COL = "cublas_im2col"  # the forward's single-GEMM cuBLAS variant (kind "fwd" only)
 TABLE_ENV = "PDENGINE_CONV_TABLE"
 PACKAGED_DIR = Path(__file__).parent / "conv_tables"
 _GEMM_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm")
@@ -42,7 +43,7 @@ Tile = tuple  # _GemmConfig or _WgradConfig fields, in order
 
 @dataclass(frozen=True)
 class Entry:
-    best: Tile | str  # CUBLAS or the fastest Triton tile
+    best: Tile | str  # CUBLAS, CUBLAS_IM2COL (fwd) or the fastest Triton tile
     triton: Tile | None  # the fastest Triton tile (what "triton" mode runs), None if none was correct
 
 
@@ -126,7 +127,9 @@ def parse(data: Any, source: str) -> ConvTable:
             dims.append(v)
         triton = None if e.get("triton") is None else _tile(kind, e["triton"], where)
         best = e.get("best")
-        best = CUBLAS if best == CUBLAS else _tile(kind, best, where)
+        if best == CUBLAS_IM2COL and kind != "fwd":
+            raise ValueError(f"{where}: {CUBLAS_IM2COL!r} is a forward (fwd) variant only")
+        best = best if best in (CUBLAS, CUBLAS_IM2COL) else _tile(kind, best, where)
         key = (kind, dtype, *dims)
         if key in entries:
             raise ValueError(f"{where}: a second entry for {key}")
@@ -149,7 +152,7 @@ def to_json(table: ConvTable, extra: dict[tuple, dict[str, Any]] | None = None) 
     for key, entry in sorted(table.entries.items()):
         kind, dtype, c_out, c_in, hw = key
         rows.append({"kind": kind, "dtype": dtype, "c_out": c_out, "c_in": c_in, "hw": hw,
-                     "best": entry.best if entry.best == CUBLAS else list(entry.best),
+                     "best": entry.best if isinstance(entry.best, str) else list(entry.best),
                      "triton": None if entry.triton is None else list(entry.triton),
                      **(extra or {}).get(key, {})})
     return {"device": table.device, "meta": table.meta, "entries": rows}

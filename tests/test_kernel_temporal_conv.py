@@ -283,22 +283,24 @@ def test_prenorm_variant_backward_matches_reference(monkeypatch):
 # ------------------------------------------------------------------------------------- cuBLAS variant
 
 
-@pytest.fixture
-def cublas_forward():
-    with tc.conv_gemm("cublas", "forward"):
+@pytest.fixture(params=["cublas", "cublas_im2col"])
+def cublas_forward(request):
+    with tc.conv_gemm(request.param, "forward"):
         yield
 
 
+@pytest.mark.parametrize("variant", ["cublas", "cublas_im2col"])
 @pytest.mark.parametrize("b,f,c,g", [(2, 3, 6, 2), (1, 2, 6, 3), (3, 5, 4, 2)])
-def test_cublas_forward_equals_the_fused_kernel(b, f, c, g):
-    """Padded activation + batched GEMM over overlapping frame windows + epilogue pass: the same block as
-    the fused kernel and the reference (with dropout: the same masks), including the windows that straddle
-    two videos (b > 1) and the shortest clip (F = 2)."""
+def test_cublas_forward_equals_the_fused_kernel(b, f, c, g, variant):
+    """Padded activation + batched GEMM over overlapping frame windows (or one GEMM over their im2col
+    matrix) + epilogue pass: the same block as the fused kernel and the reference (with dropout: the same
+    masks), including the windows that straddle two videos (b > 1) and the shortest clip (F = 2)."""
     x, norms, convs = make_inputs(b, f, c, seed=13)
     fused = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
     fused_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
-    with tc.conv_gemm("cublas", "forward"):
-        assert tc._forward_launch(x, c, c, H * W, f * H * W).cublas
+    with tc.conv_gemm(variant, "forward"):
+        launch = tc._forward_launch(x, c, c, H * W, f * H * W)
+        assert launch.cublas and launch.im2col == (variant == "cublas_im2col")
         out = tc.temporal_conv_block(x, f, norms, convs, groups=g, dropout_p=0.3, seed=7, training=True)
         out_eval = tc.temporal_conv_block(x, f, norms, convs, groups=g)
     assert not tc._forward_launch(x, c, c, H * W, f * H * W).cublas  # the with-block restored the choice
@@ -360,7 +362,8 @@ def test_cublas_backward_frozen_parts():
     assert nk[0][0].grad is None and all(w.grad is None for w, _ in ck)
 
 
-def test_cublas_bf16_forward_and_backward():
+@pytest.mark.parametrize("variant", ["cublas", "cublas_im2col"])
+def test_cublas_bf16_forward_and_backward(variant):
     b, f, c, g = 2, 3, 8, 2
     x, norms, convs = make_inputs(b, f, c, seed=15)
     dout = torch.randn(x.shape, generator=torch.Generator().manual_seed(16))
@@ -372,7 +375,7 @@ def test_cublas_bf16_forward_and_backward():
     ref_lp = temporal_conv_block_ref(xl, f, nl, cl, groups=g)
     ref_lp.backward(dout.bfloat16())
     xk, nk, ck = leaves(*lp)
-    with tc.conv_gemm("cublas"):
+    with tc.conv_gemm(variant):  # cublas_im2col: the forward; the backward then runs "cublas"
         out = tc.temporal_conv_block(xk, f, nk, ck, groups=g)
         out.backward(dout.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -380,6 +383,14 @@ def test_cublas_bf16_forward_and_backward():
     got, lp_grads, expected = named_grads(xk, nk, ck), named_grads(xl, nl, cl), named_grads(xr, nr, cr)
     for name in ("x", "weight1", "weight4", "gamma2", "bias3"):
         assert_low_precision_close(got[name], lp_grads[name], expected[name], f"cublas bf16 grad {name}")
+
+
+def test_im2col_is_a_forward_variant():
+    with tc.conv_gemm("cublas_im2col"):
+        assert tc._CONV_GEMM == {"forward": "cublas_im2col", "backward": "cublas"}
+    with tc.conv_gemm("cublas_im2col", "backward"):
+        assert tc._CONV_GEMM["backward"] == "cublas"
+    assert tc._CONV_GEMM == {"forward": "auto", "backward": "auto"}
 
 
 def test_set_conv_gemm_rejects_unknown_names():

@@ -21,7 +21,7 @@ def _temporal_conv_params(c: int, dev, seed: int = 0):
     return norms, convs
 
 
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["triton", "cublas", "cublas_im2col"])
 @pytest.mark.parametrize("c,hw", [(320, 32), (640, 16), (1280, 8), (1280, 4)])
 def test_temporal_conv_full_shapes_bf16(gpu, c, hw, gemm):
     from pdengine.kernels.temporal_conv import conv_gemm
