@@ -9,8 +9,8 @@ the table swapped for the candidate:
   * `dgrad`: the stage's input gradient (transposed conv, SiLU/GroupNorm backward);
   * `wgrad`: the conv weight's gradient (split over the columns into partials, then summed).
 Each kind also has the `cublas` candidate: the same stage through `temporal_conv.conv_gemm("cublas")` (the
-activation or gradient written with frame padding in its own pass, the GEMMs on cuBLAS), and the forward
-`cublas_im2col` (the windows as one im2col matrix, the conv a single GEMM).
+activation or gradient written with frame padding in its own pass, the GEMMs on cuBLAS), and fwd and dgrad
+`cublas_im2col` (the windows as one im2col matrix, the conv or its transpose a single GEMM).
 Every row carries the candidate's error against the fp32 PyTorch reference (a configuration that computes
 something else is reported as such, never timed as a winner), and on a GPU its median time and TFLOP/s
 (2 C_out C_in 3 B F H W per stage). The built-in choice is marked `default`; `pdengine tune` turns the
@@ -35,7 +35,7 @@ LEVELS = ((320, 32), (640, 16), (1280, 8), (1280, 4))  # (channels, side) of the
 VIDEOS, FRAMES, GROUPS = 2, 16, 32
 
 CUBLAS = ("cublas",)  # the cuBLAS variant of a kind (no launch table)
-CUBLAS_IM2COL = ("cublas_im2col",)  # the forward's single-GEMM cuBLAS variant (an im2col matrix of the windows)
+CUBLAS_IM2COL = ("cublas_im2col",)  # fwd / dgrad: one cuBLAS GEMM over an im2col matrix of the windows
 _CUBLAS_VARIANTS = (CUBLAS, CUBLAS_IM2COL)
 # (block_m, block_n, block_k, num_warps, num_stages[, prenorm]): around the current table, wider row tiles (less
 # recompute of the normalised operand: 3 x C_out / block_m times), deeper K chunks, more stages. Only
@@ -70,6 +70,7 @@ DGRAD_CANDIDATES = (
     (128, 64, 64, 8, 3),
     (128, 64, 32, 8, 4),
     CUBLAS,
+    CUBLAS_IM2COL,
 )
 # Weight gradient: (block_o, block_c, block_n, split, num_warps, num_stages); split = 0 keeps the table's
 # split for that tile (about one wave of programs). 128 x 128 tiles spill (three fp32 accumulators).
@@ -84,7 +85,7 @@ WGRAD_CANDIDATES = (
     CUBLAS,
 )
 QUICK = {"fwd": ((128, 64, 32, 8, 3), (256, 64, 32, 8, 3), (128, 128, 64, 8, 3, True), CUBLAS, CUBLAS_IM2COL),
-         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3), CUBLAS),
+         "dgrad": ((128, 64, 32, 8, 3), (128, 64, 64, 8, 3), CUBLAS, CUBLAS_IM2COL),
          "wgrad": ((64, 64, 32, 1, 8, 2), (128, 64, 32, 0, 8, 2), CUBLAS)}
 KINDS = ("fwd", "dgrad", "wgrad")
 
@@ -124,8 +125,8 @@ def default_config(kind: str, c: int, hw: int, frames: int = FRAMES, videos: int
     from pdengine.kernels import temporal_conv as tc
 
     mode = tc._CONV_GEMM["forward" if kind == "fwd" else "backward"]
-    if mode in ("cublas", "cublas_im2col"):  # (set_conv_gemm keeps im2col to the forward)
-        return (mode,)
+    if mode in ("cublas", "cublas_im2col"):
+        return CUBLAS if kind == "wgrad" else (mode,)  # (the weight gradient has one cuBLAS variant)
     if kind == "wgrad":
         return tuple(tc._wgrad_config(c, c, videos, frames * hw))
     fn = tc._gemm_config if kind == "fwd" else tc._dgrad_config
@@ -180,10 +181,12 @@ def _runner(kind: str, x, gamma, beta, weight, bias, g, frames: int, groups: int
         return lambda: tc.temporal_conv_stage(x, frames, (gamma, beta), (weight, bias), groups=groups, eps=eps)
     stats = tc.input_stats(x, frames, gamma, beta, groups, eps)
     w3 = tc._weight3(weight, x.dtype)
-    if tc._CONV_GEMM["backward"] == "cublas":
+    mode = tc._CONV_GEMM["backward"]
+    if mode in ("cublas", "cublas_im2col"):
         wgrad = kind == "wgrad"
         return lambda: tc._stage_backward_cublas(g, w3, x, frames, stats, gamma, beta, groups, 0.0, 0, None, weight,
-                                                 bias, wgrad, not wgrad)[3 if wgrad else 0]
+                                                 bias, wgrad, not wgrad, im2col=mode == "cublas_im2col")[
+            3 if wgrad else 0]
     if kind == "wgrad":
         return lambda: tc._stage_wgrad(g, x, frames, stats, weight, bias, 0.0, 0)[0]
     return lambda: tc._stage_dgrad(g, w3, x, frames, stats, gamma, beta, groups, 0.0, 0, None)[0]

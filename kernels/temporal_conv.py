@@ -30,6 +30,9 @@ Forward, per stage (one launch of `_stage_fwd_kernel` + one tiny `_gn_finalize_k
     residual and takes the statistics. Its backward (`_stage_backward_cublas`) pads g the same way for the
     transposed conv, and the weight gradient is three plain GEMMs of channel-major padded g and a; the
     dgrad epilogue runs as `_act_bwd_kernel`. Either direction can use either GEMM (same saved tensors).
+    The second cuBLAS variant (`cublas_im2col`) has `_pad_kernel` write each window's three frames as a
+    column block of one (3*C, windows*HW) matrix and runs the conv (or its transpose, on g) as a single GEMM
+    over it: three times the bytes written, for one wide GEMM instead of many thin ones at small H*W.
   * Which variant and tile each stage runs: `set_conv_gemm` ("auto" by default) and, on a GPU, its launch
     table (`temporal_conv_table.py`, measured per GPU model by `pdengine tune`): per kind of GEMM (fwd,
     dgrad, wgrad), dtype and shape, cuBLAS or the fastest correct Triton tile. No table: the fused kernels
@@ -447,18 +450,19 @@ def _act_backward(da, h_ptr, offs, mask, b, offs_c, c_ok, C_in, CPG, G, rstd_ptr
 
 @triton.jit(do_not_specialize=["seed"])
 def _act_bwd_kernel(
-    da_ptr,  # (B*(F+2) - 2, C_in, HW) the windowed transposed-conv GEMM's output: row b*(F+2) + f is frame f
+    da_ptr,  # the transposed-conv GEMM's output over the windows (window b*(F+2) + f is frame f), its
+    # (channel, window, pixel) element at c * STRIDE_DC + window * STRIDE_DW + p (see _gemm_epilogue_kernel)
     h_ptr,  # (B*F, C_in, HW) stage input
     rstd_ptr, center_ptr, scale_ptr, shift_ptr,  # as in _stage_dgrad_kernel
     dn_ptr,  # (B*F, C_in, HW) out
     ps1_ptr, ps2_ptr,  # (B, NT, C_in) fp32 out
-    C_in, F, HW, NT, CPG, G, seed, p_drop, drop_scale,
+    C_in, F, HW, NT, CPG, G, seed, p_drop, drop_scale, STRIDE_DC, STRIDE_DW,
     HAS_DROPOUT: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # The dgrad kernel's epilogue as its own pass, after the cuBLAS transposed conv (_stage_backward_cublas).
     b = tl.program_id(2)
     offs_c, c_ok, n_ok, f, p, mask = _channel_tile(C_in, F, HW, BLOCK_C, BLOCK_N)
-    da = tl.load(da_ptr + offs_c[:, None] * HW + ((b * (F + 2) + f) * (C_in * HW) + p)[None, :], mask=mask,
+    da = tl.load(da_ptr + offs_c[:, None] * STRIDE_DC + ((b * (F + 2) + f) * STRIDE_DW + p)[None, :], mask=mask,
                  other=0.0).to(tl.float32)
     offs = offs_c[:, None] * HW + ((b * F + f) * (C_in * HW) + p)[None, :]
     _act_backward(da, h_ptr, offs, mask, b, offs_c, c_ok, C_in, CPG, G, rstd_ptr, center_ptr, scale_ptr, shift_ptr,
@@ -731,8 +735,8 @@ def set_conv_gemm(name: str, direction: str = "both") -> dict[str, str]:
       * "triton": the fused implicit-GEMM kernels, with the table's fastest Triton tile where it has one;
       * "cublas": the activation / gradient written with frame padding in its own pass, then cuBLAS over
         overlapping frame windows;
-      * "cublas_im2col": forward only (the backward then runs "cublas"): the windows written as one im2col
-        matrix, the conv one GEMM over all of them.
+      * "cublas_im2col": the same with the windows written as one im2col matrix, the conv (forward) or its
+        transpose (backward) one GEMM over all of them; the weight gradient as for "cublas".
     Returns the previous choice of both directions. PDENGINE_CONV_GEMM (one name, both directions) sets
     it at import."""
     if name not in CONV_GEMMS:
@@ -741,7 +745,7 @@ def set_conv_gemm(name: str, direction: str = "both") -> dict[str, str]:
         raise ValueError(f"direction must be 'forward', 'backward' or 'both', got {direction!r}")
     previous = dict(_CONV_GEMM)
     for d in _DIRECTIONS if direction == "both" else (direction,):
-        _CONV_GEMM[d] = "cublas" if d == "backward" and name == "cublas_im2col" else name
+        _CONV_GEMM[d] = name
     return previous
 
 
@@ -807,14 +811,12 @@ def _entry(kind: str, x: torch.Tensor, c_out: int, c_in: int, hw: int) -> conv_t
 
 
 def _cublas_variant(direction: str, entry: conv_table.Entry | None) -> str | None:
-    """None when the stage runs the Triton kernels, else its cuBLAS variant: "cublas" or (forward only)
-    "cublas_im2col"; from the mode, and under "auto" from the table's entry."""
+    """None when the stage GEMM runs the Triton kernels, else its cuBLAS variant ("cublas" or
+    "cublas_im2col"): from the mode, and under "auto" from the table's entry."""
     mode = _CONV_GEMM[direction]
     if mode == "auto":
         mode = entry.best if entry is not None and isinstance(entry.best, str) else "triton"
-    if mode == "triton":
-        return None
-    return mode if direction == "forward" else "cublas"  # (a table's im2col is a forward entry only)
+    return None if mode == "triton" else mode
 
 
 def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -> _GemmConfig:
@@ -830,14 +832,19 @@ def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -
 
 
 def _backward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int,
-                     b: int) -> tuple[_GemmConfig | None, _WgradConfig | None]:
-    """(dgrad, wgrad) launches of one stage's backward; None for a GEMM that runs on cuBLAS."""
+                     b: int) -> tuple[_GemmConfig, _WgradConfig | None]:
+    """(dgrad, wgrad) launches of one stage's backward: dgrad's `cublas` (and `im2col`) set when the
+    transposed conv runs on cuBLAS, else its Triton tile; wgrad None when the weight gradient runs on cuBLAS."""
     d_entry = _entry("dgrad", x, c_out, c_in, hw)
     w_entry = _entry("wgrad", x, c_out, c_in, hw)
-    dgrad = wgrad = None
-    if _cublas_variant("backward", d_entry) is None:
-        dgrad = _GemmConfig(*d_entry.triton) if d_entry is not None and d_entry.triton is not None else \
-            _dgrad_config(c_in, c_out, hw, fhw)
+    wgrad = None
+    variant = _cublas_variant("backward", d_entry)
+    if variant is not None:
+        dgrad = _dgrad_config(c_in, c_out, hw, fhw)._replace(cublas=True, im2col=variant == "cublas_im2col")
+    elif d_entry is not None and d_entry.triton is not None:
+        dgrad = _GemmConfig(*d_entry.triton)
+    else:
+        dgrad = _dgrad_config(c_in, c_out, hw, fhw)
     if _cublas_variant("backward", w_entry) is None:
         if w_entry is not None and w_entry.triton is not None:
             o, c, n, split, warps, stages = w_entry.triton
@@ -1085,18 +1092,22 @@ def _padded(x: torch.Tensor, num_frames: int, *, channel_major: Sequence[bool] =
             act: tuple[GroupNormStats, float, int] | None = None, im2col: bool = False) -> list[torch.Tensor]:
     """x (B*F, C, H, W) with a zero frame before and after each video, in one or two layouts (one pass over
     x): frame-major (B*(F+2), C, H*W) or channel-major (C, B*(F+2)*H*W). With act = (stats, dropout_p,
-    seed) the values written are the stage activation dropout(silu(GroupNorm(x))). With im2col, instead the
-    one (3*C, windows*H*W) matrix whose column block j stacks padded frames j, j+1, j+2 (windows =
-    B*(F+2) - 2): each window's three frames as one plain GEMM operand."""
+    seed) the values written are the stage activation dropout(silu(GroupNorm(x))). With im2col, the first
+    (frame-major) layout is written instead as the (3*C, windows*H*W) matrix whose column block j stacks
+    padded frames j, j+1, j+2 (windows = B*(F+2) - 2): every window's three frames as one GEMM operand."""
     bf, c, hh, ww = x.shape
     hw = hh * ww
     jp = (bf // num_frames) * (num_frames + 2)
     n_windows = jp - 2
     outs, strides = [], []
-    if im2col:
+    layouts = list(channel_major)
+    if im2col:  # in place of the first layout, which must be the frame-major one
+        if layouts[0]:
+            raise ValueError("im2col replaces the frame-major layout")
         outs.append(torch.empty((3 * c, n_windows * hw), device=x.device, dtype=x.dtype))
         strides.append((hw, n_windows * hw))
-    for cm in () if im2col else channel_major:
+        layouts = layouts[1:]
+    for cm in layouts:
         outs.append(torch.empty((c, jp * hw) if cm else (jp, c, hw), device=x.device, dtype=x.dtype))
         strides.append((hw, jp * hw) if cm else (c * hw, hw))
     if act is None:
@@ -1129,11 +1140,12 @@ def _stage_backward_cublas(g: torch.Tensor, weight: torch.Tensor, h: torch.Tenso
                            stats: GroupNormStats, gamma: torch.Tensor, beta: torch.Tensor, groups: int,
                            dropout_p: float, seed: int, residual_grad: torch.Tensor | None,
                            weight_param: torch.Tensor, bias_param: torch.Tensor, need_weight: bool,
-                           need_input: bool) -> tuple:
+                           need_input: bool, im2col: bool = False) -> tuple:
     """`_stage_wgrad` + `_stage_dgrad` with the GEMMs on cuBLAS: (dh, dgamma, dbeta, dW, dbias), None where
     not needed. The output gradient g is written once with frame padding in two layouts:
       * frame-major: the transposed conv da[b, f] = sum_k W_k^T g[b, f + 1 - k] is one batched GEMM of the
-        (C_in, 3*C_out) matrix [W_2^T W_1^T W_0^T] over g's overlapping three-frame windows, like the forward;
+        (C_in, 3*C_out) matrix [W_2^T W_1^T W_0^T] over g's overlapping three-frame windows, like the forward
+        (with im2col: one GEMM over the windows' im2col matrix, written in this layout's place);
       * channel-major (C_out, columns): with the activation recomputed into the same layout, tap k's weight
         gradient dW_k = sum over windows j of g_j a_(j+k)^T is one GEMM of two column slices (the pad
         columns of g are zero, so windows straddling two videos add nothing).
@@ -1146,7 +1158,7 @@ def _stage_backward_cublas(g: torch.Tensor, weight: torch.Tensor, h: torch.Tenso
     layouts = ((False,) if need_input else ()) + ((True,) if need_weight else ())
     if not layouts:
         return None, None, None, None, None
-    gpads = _padded(g, num_frames, channel_major=layouts)
+    gpads = _padded(g, num_frames, channel_major=layouts, im2col=im2col and need_input)
     dw = db = None
     if need_weight:
         g_cols = gpads[-1][:, hw:hw + n_windows * hw]  # window j's output gradient = padded frame j + 1
@@ -1160,14 +1172,19 @@ def _stage_backward_cublas(g: torch.Tensor, weight: torch.Tensor, h: torch.Tenso
     if not need_input:
         return None, None, None, dw, db
     transposed = weight.flip(2).permute(1, 2, 0).reshape(c_in, 3 * c_out)
-    da = _window_gemm(transposed, gpads[0], n_windows)
+    if im2col:
+        da = torch.mm(transposed, gpads[0])  # (C_in, windows * HW)
+        da_strides = (n_windows * hw, hw)
+    else:
+        da = _window_gemm(transposed, gpads[0], n_windows)  # (windows, C_in, HW)
+        da_strides = (hw, c_in * hw)
     nt = triton.cdiv(num_frames * hw, _STATS_BLOCK_N)
     dn = torch.empty_like(h)
     ps1 = torch.empty(b, nt, c_in, device=h.device, dtype=torch.float32)
     ps2 = torch.empty_like(ps1)
     _act_bwd_kernel[(triton.cdiv(c_in, _STATS_BLOCK_C), nt, b)](
         da, h, stats.rstd, stats.center, stats.scale, stats.shift, dn, ps1, ps2, c_in, num_frames, hw, nt,
-        c_in // groups, groups, seed, dropout_p, _drop_scale(dropout_p), HAS_DROPOUT=dropout_p > 0,
+        c_in // groups, groups, seed, dropout_p, _drop_scale(dropout_p), *da_strides, HAS_DROPOUT=dropout_p > 0,
         INTERPRETED=_interpreted(h), BLOCK_C=_STATS_BLOCK_C, BLOCK_N=_STATS_BLOCK_N, num_warps=4,
     )
     dh, dgamma, dbeta = _gn_backward(dn, ps1, ps2, h, num_frames, stats, gamma, beta, groups, residual_grad)
@@ -1307,13 +1324,13 @@ def _block_backward(dout: torch.Tensor, inputs: Sequence[torch.Tensor], weights:
         h = inputs[s]
         hw = h.shape[2] * h.shape[3]
         dgrad, wgrad = _backward_launch(h, g.shape[1], h.shape[1], hw, num_frames * hw, h.shape[0] // num_frames)
-        # The GEMMs that run on cuBLAS share one padded copy of g (both, when both do).
-        cublas_w, cublas_d = need_weight[s] and wgrad is None, stage_input and dgrad is None
+        # The GEMMs that run on cuBLAS share one pass writing g's padded layouts (both, when both do).
+        cublas_w, cublas_d = need_weight[s] and wgrad is None, stage_input and dgrad.cublas
         g_next = None
         if cublas_w or cublas_d:
             g_next, dgammas[s], dbetas[s], dws[s], dbs[s] = _stage_backward_cublas(
                 g, weights[s], h, num_frames, stats[s], gammas[s], betas[s], groups, p, stage_seed,
-                dout if s == 0 else None, weight_params[s], biases[s], cublas_w, cublas_d)
+                dout if s == 0 else None, weight_params[s], biases[s], cublas_w, cublas_d, im2col=dgrad.im2col)
         if need_weight[s] and not cublas_w:
             dws[s], dbs[s] = _stage_wgrad(g, h, num_frames, stats[s], weight_params[s], biases[s], p, stage_seed,
                                           cfg=wgrad)
@@ -1662,7 +1679,8 @@ _FLOAT_ARGS = {"p_drop", "drop_scale", "eps", "inv_n"}
 # Int arguments that are multiples of 16 at the preset (C in {320, 640, 1280}, F = 16, H*W in {1024, 256, 64,
 # 16}, the packed weight's strides C_in and C_out*C_in, rows B*F*C): the launcher specializes on that.
 _DIVISIBLE_AT_PRESET = {"C_in", "C_out", "C", "F", "HW", "stride_w_o", "stride_w_k", "ROWS", "STRIDE_F", "STRIDE_C",
-                        "STRIDE_F2", "STRIDE_C2", "TAP_STRIDE", "STRIDE_ZC", "STRIDE_ZW"}
+                        "STRIDE_F2", "STRIDE_C2", "TAP_STRIDE", "STRIDE_ZC", "STRIDE_ZW",
+                        "STRIDE_DC", "STRIDE_DW"}
 _FP32_PTRS = {"center_ptr", "scale_ptr", "shift_ptr", "pmean_ptr", "pm2_ptr", "mean_ptr", "rstd_ptr", "ps1_ptr",
               "ps2_ptr", "dw_part_ptr", "db_part_ptr", "part_ptr", "coef_a_ptr", "coef_b_ptr", "coef_c_ptr"}
 

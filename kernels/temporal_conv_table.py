@@ -1,7 +1,7 @@
 """Per-GPU launch table of the temporal conv (`temporal_conv.py`): for each kind of stage GEMM (`fwd`: the
 conv, `dgrad`: its transpose, `wgrad`: the weight gradient), dtype and shape (C_out, C_in, H*W), which GEMM
-runs (the fused Triton kernels or cuBLAS, for the forward also cuBLAS on an im2col matrix) and which Triton
-tile, as measured on one GPU model by `pdengine tune` (the launch-configuration sweep of
+runs (the fused Triton kernels or cuBLAS; for the conv and its transpose also cuBLAS on an im2col matrix)
+and which Triton tile, as measured on one GPU model by `pdengine tune` (the launch-configuration sweep of
 `bench/conv_configs.py`, every candidate checked against the fp32 reference before it is timed).
 
 A table is a JSON file: {"device": GPU name, "meta": {versions, git sha, batch, frames, when}, "entries":
@@ -30,7 +30,7 @@ from typing import Any
 KINDS = ("fwd", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32")
 CUBLAS = "cublas"
-CUBLAS_IM2COL = "cublas_im2col"  # the forward's single-GEMM cuBLAS variant (kind "fwd" only)
+CUBLAS_IM2COL = "cublas_im2col"  # the single-GEMM cuBLAS variant of the conv and its transpose (fwd, dgrad)
 TABLE_ENV = "PDENGINE_CONV_TABLE"
 PACKAGED_DIR = Path(__file__).parent / "conv_tables"
 _GEMM_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm")
@@ -127,8 +127,9 @@ def parse(data: Any, source: str) -> ConvTable:
             dims.append(v)
         triton = None if e.get("triton") is None else _tile(kind, e["triton"], where)
         best = e.get("best")
-        if best == CUBLAS_IM2COL and kind != "fwd":
-            raise ValueError(f"{where}: {CUBLAS_IM2COL!r} is a forward (fwd) variant only")
+        if best == CUBLAS_IM2COL and kind == "wgrad":
+            raise ValueError(f"{where}: {CUBLAS_IM2COL!r} is a variant of the conv and its transpose (fwd, "
+                             "dgrad), not of the weight gradient")
         best = best if best in (CUBLAS, CUBLAS_IM2COL) else _tile(kind, best, where)
         key = (kind, dtype, *dims)
         if key in entries:

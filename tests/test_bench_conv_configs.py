@@ -26,7 +26,8 @@ def test_every_quick_candidate_matches_the_reference():
         assert len(mine) == 1 + len(CC.QUICK[kind])  # the default at this small shape is none of them
     assert any(r["prenorm"] for r in rows if r["kind"] == "fwd")
     assert [(r["kind"], r["config"]) for r in rows if r.get("cublas")] == [
-        ("fwd", "cublas"), ("fwd", "cublas_im2col"), ("dgrad", "cublas"), ("wgrad", "cublas")]
+        ("fwd", "cublas"), ("fwd", "cublas_im2col"), ("dgrad", "cublas"), ("dgrad", "cublas_im2col"),
+        ("wgrad", "cublas")]
     assert all(r["split"] >= 1 for r in rows if r["kind"] == "wgrad" and not r.get("cublas"))
     bad = [(r["kind"], r["config"], r["status"]) for r in rows if r["status"] != "ok"]
     assert not bad

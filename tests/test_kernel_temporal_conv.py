@@ -323,18 +323,20 @@ def test_cublas_forward_stage_with_other_channel_counts(cublas_forward):
     assert_close(out, ref, torch.float32, "cublas stage 6 -> 10 channels")
 
 
+@pytest.mark.parametrize("variant", ["cublas", "cublas_im2col"])
 @pytest.mark.parametrize("direction", ["forward", "backward", "both"])
-def test_cublas_backward_matches_reference(direction):
+def test_cublas_backward_matches_reference(direction, variant):
     # Both directions read and save the same tensors, so each GEMM choice pairs with the other; the
-    # backward's transposed conv and three weight-gradient GEMMs run on padded g (b > 1: windows straddle
-    # two videos).
-    with tc.conv_gemm("cublas", direction):
+    # backward's transposed conv (windowed, or one GEMM over g's im2col matrix) and three weight-gradient
+    # GEMMs run on padded g (b > 1: windows straddle two videos).
+    with tc.conv_gemm(variant, direction):
         _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
 
 
+@pytest.mark.parametrize("variant", ["cublas", "cublas_im2col"])
 @pytest.mark.parametrize("b,f,c", [(1, 2, 9), (3, 5, 6)])
-def test_cublas_backward_awkward_shapes(b, f, c):
-    with tc.conv_gemm("cublas"):
+def test_cublas_backward_awkward_shapes(b, f, c, variant):
+    with tc.conv_gemm(variant):
         _check_backward(b, f, c, 3)
 
 
@@ -375,7 +377,7 @@ def test_cublas_bf16_forward_and_backward(variant):
     ref_lp = temporal_conv_block_ref(xl, f, nl, cl, groups=g)
     ref_lp.backward(dout.bfloat16())
     xk, nk, ck = leaves(*lp)
-    with tc.conv_gemm(variant):  # cublas_im2col: the forward; the backward then runs "cublas"
+    with tc.conv_gemm(variant):
         out = tc.temporal_conv_block(xk, f, nk, ck, groups=g)
         out.backward(dout.bfloat16())
     assert out.dtype == torch.bfloat16
@@ -383,14 +385,6 @@ def test_cublas_bf16_forward_and_backward(variant):
     got, lp_grads, expected = named_grads(xk, nk, ck), named_grads(xl, nl, cl), named_grads(xr, nr, cr)
     for name in ("x", "weight1", "weight4", "gamma2", "bias3"):
         assert_low_precision_close(got[name], lp_grads[name], expected[name], f"cublas bf16 grad {name}")
-
-
-def test_im2col_is_a_forward_variant():
-    with tc.conv_gemm("cublas_im2col"):
-        assert tc._CONV_GEMM == {"forward": "cublas_im2col", "backward": "cublas"}
-    with tc.conv_gemm("cublas_im2col", "backward"):
-        assert tc._CONV_GEMM["backward"] == "cublas"
-    assert tc._CONV_GEMM == {"forward": "auto", "backward": "auto"}
 
 
 def test_set_conv_gemm_rejects_unknown_names():

@@ -66,7 +66,7 @@ def test_round_trip_and_lookup(tmp_path):
     ({"device": "g", "entries": [entry("wgrad", [16, 16, 16, 99, 4, 2])]}, "split must be"),
     ({"device": "g", "entries": [{**entry("fwd", "cublas"), "hw": 0}]}, "hw must be a positive integer"),
     ({"device": "g", "entries": [entry("fwd", "cublas"), entry("fwd", TILE)]}, "a second entry"),
-    ({"device": "g", "entries": [entry("dgrad", "cublas_im2col")]}, "forward .fwd. variant only"),
+    ({"device": "g", "entries": [entry("wgrad", "cublas_im2col")]}, "not of the weight gradient"),
 ])
 def test_malformed_tables_are_errors_naming_the_entry(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -156,12 +156,19 @@ def test_block_follows_the_table_per_gemm_kind_and_matches_the_reference(monkeyp
     assert len(dgrads) == 4 and all(c[2]["cfg"] == tc._GemmConfig(*TILE) for c in dgrads)
 
 
-def test_block_follows_an_im2col_forward_entry(monkeypatch):
+def test_block_follows_im2col_entries(monkeypatch):
+    """im2col for the forward and the transposed conv, the weight gradient on a Triton tile."""
     calls = []
-    _spy(monkeypatch, "_stage_forward_cublas", calls)
-    with tc.launch_table(table(entry("fwd", "cublas_im2col", TILE))):
+    for name in ("_stage_forward_cublas", "_stage_backward_cublas", "_stage_wgrad"):
+        _spy(monkeypatch, name, calls)
+    t = table(entry("fwd", "cublas_im2col", TILE), entry("dgrad", "cublas_im2col", TILE), entry("wgrad", WTILE, WTILE))
+    with tc.launch_table(t):
         _check_backward(2, 3, 6, 2, dropout_p=0.25, seed=42)
-    assert len(calls) == 4 and all(c[2]["im2col"] for c in calls)
+    fwd = [c for c in calls if c[0] == "_stage_forward_cublas"]
+    bwd = [c for c in calls if c[0] == "_stage_backward_cublas"]
+    assert len(fwd) == 4 and all(c[2]["im2col"] for c in fwd)
+    assert len(bwd) == 4 and all(c[2]["im2col"] and c[1][-2:] == (False, True) for c in bwd)
+    assert sum(c[0] == "_stage_wgrad" for c in calls) == 4
 
 
 def test_table_wgrad_tile_with_the_rule_split_and_triton_forward_tile(monkeypatch):
