@@ -819,11 +819,29 @@ def _cublas_variant(direction: str, entry: conv_table.Entry | None) -> str | Non
     return None if mode == "triton" else mode
 
 
+_WARNED_IM2COL = [False]
+
+
+def _im2col_or_windows(variant: str | None, videos: int, frames: int, channels: int, hw: int) -> str | None:
+    """`variant`, except that an im2col matrix past int32 indexing (3 * videos * (F+2) * C * HW elements: only
+    for huge batches, which the block splits by whole videos to fit the other layouts) runs the windowed
+    cuBLAS variant instead, said once."""
+    if variant != "cublas_im2col" or 3 * videos * (frames + 2) * channels * hw <= _MAX_LAUNCH_ELEMENTS:
+        return variant
+    if not _WARNED_IM2COL[0]:
+        _WARNED_IM2COL[0] = True
+        logger.warning("pdengine temporal conv: an im2col matrix of %d videos x %d frames x %d channels x %d "
+                       "pixels passes int32 indexing; those stages run the windowed cuBLAS GEMM", videos,
+                       frames, channels, hw)
+    return "cublas"
+
+
 def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -> _GemmConfig:
     """The forward stage's launch: `cublas` (and `im2col`) set when it runs on cuBLAS, else the Triton tile
     (the table's, or the built-in one)."""
     entry = _entry("fwd", x, c_out, c_in, hw)
-    variant = _cublas_variant("forward", entry)
+    frames = fhw // hw
+    variant = _im2col_or_windows(_cublas_variant("forward", entry), x.shape[0] // frames, frames, c_in, hw)
     if variant is not None:
         return _gemm_config(c_out, c_in, hw, fhw)._replace(cublas=True, im2col=variant == "cublas_im2col")
     if entry is not None and entry.triton is not None:
@@ -838,7 +856,7 @@ def _backward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int,
     d_entry = _entry("dgrad", x, c_out, c_in, hw)
     w_entry = _entry("wgrad", x, c_out, c_in, hw)
     wgrad = None
-    variant = _cublas_variant("backward", d_entry)
+    variant = _im2col_or_windows(_cublas_variant("backward", d_entry), b, fhw // hw, c_out, hw)
     if variant is not None:
         dgrad = _dgrad_config(c_in, c_out, hw, fhw)._replace(cublas=True, im2col=variant == "cublas_im2col")
     elif d_entry is not None and d_entry.triton is not None:

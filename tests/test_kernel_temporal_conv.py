@@ -600,3 +600,23 @@ def test_batches_past_the_int32_limit_run_in_video_chunks(monkeypatch):
     got = tc.temporal_conv_block(x, f, norms, convs, groups=2, eps=1e-5)
     assert calls == [2 * f, f]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_im2col_past_int32_runs_the_windowed_gemm(monkeypatch, caplog):
+    """An im2col matrix (three copies of the padded activation) past int32 indexing, where the padded layout
+    still fits: those stages run the windowed cuBLAS variant, said once, and the block is unchanged."""
+    import logging
+
+    b, f, c, g = 2, 3, 6, 2
+    x, norms, convs = make_inputs(b, f, c, seed=21)
+    padded = b * (f + 2) * c * H * W
+    monkeypatch.setattr(tc, "_MAX_LAUNCH_ELEMENTS", 2 * padded)  # fits the padded layout, not 3x it
+    monkeypatch.setattr(tc, "_WARNED_IM2COL", [False])
+    calls = []
+    real = tc._stage_forward_cublas
+    monkeypatch.setattr(tc, "_stage_forward_cublas", lambda *a, **k: calls.append(k["im2col"]) or real(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="pdengine"), tc.conv_gemm("cublas_im2col"):
+        out = tc.temporal_conv_block(x, f, norms, convs, groups=g)
+    assert calls == [False] * 4
+    assert sum("passes int32 indexing" in r.getMessage() for r in caplog.records) == 1
+    assert_close(out, temporal_conv_block_ref(x, f, norms, convs, groups=g), torch.float32, "windowed fallback")
