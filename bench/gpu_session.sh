@@ -12,7 +12,7 @@
 # its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train, compile (ours and
 # diffusers under torch.compile, batch 8). One call may run 600 s at most and a lease is 15 minutes
 # including the machine's start, so plan two calls:
-#   1. STAGES="tests tune sample" T_SAMPLE=280   (limits 120 + 150 + 280 s)
+#   1. STAGES="tests tune sample" T_SAMPLE=250   (limits 150 + 150 + 250 s)
 #   2. at once, while the machine is warm, after copying call 1's table to kernels/conv_tables/<gpu>.json
 #      ($OUT is emptied between calls): STAGES="kernels train compile" FAMILIES="temporal_conv temporal_attention"
 #      T_KERNELS=70   (limits 140 + 180 + 240 s)
@@ -54,7 +54,7 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
-on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
+on tests && timeout "${T_TESTS:-150}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
