@@ -579,9 +579,7 @@ class _TemporalAttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_frames, heads, pixels, scale):
-        width = qkv.shape[1] // 3
-        q, k, v = qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:]
-        o, lse = _attention_forward(q, k, v, num_frames, heads, pixels, scale)
+        o, lse = _attention_qkv(qkv, num_frames, heads, pixels, scale)
         ctx.save_for_backward(qkv, o, lse)
         ctx.args = (num_frames, heads, pixels, scale)
         ctx.mark_non_differentiable(lse)
@@ -590,11 +588,7 @@ class _TemporalAttentionQKV(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         qkv, o, lse = ctx.saved_tensors
-        width = qkv.shape[1] // 3
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        parts = [(t[:, :width], t[:, width:2 * width], t[:, 2 * width:]) for t in (qkv, dqkv)]
-        _attention_backward(*parts[0], o, lse, _unit_column_stride(do), *ctx.args, *parts[1])
-        return dqkv, None, None, None, None
+        return _attention_qkv_backward(do, qkv, o, lse, *ctx.args), None, None, None, None
 
 
 class _VideoGroupNormToTokens(torch.autograd.Function):
@@ -629,9 +623,8 @@ class _TokensToVideoResidual(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        dout = dout.contiguous()
         # d(x + layout(t)) = (dout, layout^-1(dout)): the token gradient is the same transpose-copy kernel.
-        dt = _video_to_tokens(dout, ctx.num_frames, None, None, None, 1, 0.0) if ctx.needs_input_grad[0] else None
+        dt = _video_to_tokens_copy(dout, ctx.num_frames) if ctx.needs_input_grad[0] else None
         return dt, dout if ctx.needs_input_grad[1] else None, None
 
 

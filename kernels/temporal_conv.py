@@ -805,9 +805,8 @@ def table_for(device: torch.device) -> ConvTable | None:
 
 def _entry(kind: str, x: torch.Tensor, c_out: int, c_in: int, hw: int) -> conv_table.Entry | None:
     table = table_for(x.device)
-    if table is None or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return None
-    return table.lookup(kind, conv_table.dtype_name(x.dtype), c_out, c_in, hw)
+    dtype = conv_table.DTYPE_KEYS.get(x.dtype)
+    return None if table is None or dtype is None else table.lookup(kind, dtype, c_out, c_in, hw)
 
 
 def _cublas_variant(direction: str, entry: conv_table.Entry | None) -> str | None:
@@ -836,33 +835,33 @@ def _im2col_or_windows(variant: str | None, videos: int, frames: int, channels: 
     return "cublas"
 
 
-def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -> _GemmConfig:
-    """The forward stage's launch: `cublas` (and `im2col`) set when it runs on cuBLAS, else the Triton tile
-    (the table's, or the built-in one)."""
-    entry = _entry("fwd", x, c_out, c_in, hw)
-    frames = fhw // hw
-    variant = _im2col_or_windows(_cublas_variant("forward", entry), x.shape[0] // frames, frames, c_in, hw)
+def _gemm_launch(direction: str, entry: conv_table.Entry | None, builtin: _GemmConfig, videos: int,
+                 frames: int, channels: int, hw: int) -> _GemmConfig:
+    """The launch of a conv or transposed-conv stage (`channels`: those of the GEMM's padded operand):
+    `cublas` (and `im2col`) set when it runs on cuBLAS, else the table's Triton tile, else `builtin`."""
+    variant = _im2col_or_windows(_cublas_variant(direction, entry), videos, frames, channels, hw)
     if variant is not None:
-        return _gemm_config(c_out, c_in, hw, fhw)._replace(cublas=True, im2col=variant == "cublas_im2col")
+        return builtin._replace(cublas=True, im2col=variant == "cublas_im2col")
     if entry is not None and entry.triton is not None:
         return _GemmConfig(*entry.triton)
-    return _gemm_config(c_out, c_in, hw, fhw)
+    return builtin
+
+
+def _forward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int) -> _GemmConfig:
+    """The forward stage's launch (`_gemm_launch`)."""
+    frames = fhw // hw
+    return _gemm_launch("forward", _entry("fwd", x, c_out, c_in, hw), _gemm_config(c_out, c_in, hw, fhw),
+                        x.shape[0] // frames, frames, c_in, hw)
 
 
 def _backward_launch(x: torch.Tensor, c_out: int, c_in: int, hw: int, fhw: int,
                      b: int) -> tuple[_GemmConfig, _WgradConfig | None]:
-    """(dgrad, wgrad) launches of one stage's backward: dgrad's `cublas` (and `im2col`) set when the
-    transposed conv runs on cuBLAS, else its Triton tile; wgrad None when the weight gradient runs on cuBLAS."""
-    d_entry = _entry("dgrad", x, c_out, c_in, hw)
+    """(dgrad, wgrad) launches of one stage's backward: dgrad as `_gemm_launch` gives it; wgrad None when the
+    weight gradient runs on cuBLAS."""
+    dgrad = _gemm_launch("backward", _entry("dgrad", x, c_out, c_in, hw), _dgrad_config(c_in, c_out, hw, fhw), b,
+                         fhw // hw, c_out, hw)
     w_entry = _entry("wgrad", x, c_out, c_in, hw)
     wgrad = None
-    variant = _im2col_or_windows(_cublas_variant("backward", d_entry), b, fhw // hw, c_out, hw)
-    if variant is not None:
-        dgrad = _dgrad_config(c_in, c_out, hw, fhw)._replace(cublas=True, im2col=variant == "cublas_im2col")
-    elif d_entry is not None and d_entry.triton is not None:
-        dgrad = _GemmConfig(*d_entry.triton)
-    else:
-        dgrad = _dgrad_config(c_in, c_out, hw, fhw)
     if _cublas_variant("backward", w_entry) is None:
         if w_entry is not None and w_entry.triton is not None:
             o, c, n, split, warps, stages = w_entry.triton

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 KINDS = ("fwd", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32")
 CUBLAS = "cublas"
@@ -71,14 +73,14 @@ def slug(device_name: str) -> str:
     return s
 
 
+DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}  # a table's dtype keys
+
+
 def dtype_name(dtype) -> str:
     """torch.bfloat16 -> "bf16" (the table's dtype key)."""
-    import torch
-
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    if dtype not in names:
+    if dtype not in DTYPE_KEYS:
         raise ValueError(f"no conv table dtype for {dtype}")
-    return names[dtype]
+    return DTYPE_KEYS[dtype]
 
 
 def _tile(kind: str, value: Any, where: str) -> Tile:
