@@ -15,6 +15,9 @@ traffic of one eager kernel per op:
   writes the output and its log-sum-exp), not as the unfused math path meta/CPU tensors would take;
 - a tensor's bytes are its distinct elements times the element size: broadcast (stride-0) dimensions
   count once, since an eager kernel reads that memory once through the cache.
+- an operator given a model in `ByteCounter(modeled=...)` (our fused kernels' registered operators, reached
+  on meta tensors inside `pdengine.kernels.as_operators()`) counts that model's bytes instead of its inputs
+  and outputs: a fused block that makes several passes over HBM inside one operator counts them all.
 It counts what PyTorch asks for at the aten level; work a backend does inside one op (cuDNN workspace,
 flash-attention tiling re-reads) is not visible, so the count is a lower bound of an eager run's traffic.
 """
@@ -65,8 +68,10 @@ def tensor_bytes(t: torch.Tensor) -> int:
 class ByteCounter(TorchDispatchMode):
     """Adds up the bytes read and written by every aten op run under it (rules in the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, modeled: dict[str, Callable[..., int]] | None = None) -> None:
         super().__init__()
+        # Operator name ("ns::op") -> function of the op's (args, kwargs) giving its modeled bytes.
+        self.modeled = modeled or {}
         self.bytes_read = 0
         self.bytes_written = 0
         self.ops = 0
@@ -81,6 +86,13 @@ class ByteCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         name = func._schema.name
         if func.is_view or name in _NO_COPY_OPS or name in _ALLOC_OPS:
+            return out
+        if name in self.modeled:
+            total = int(self.modeled[name](args, kwargs))
+            self.bytes_read += total
+            self.ops += 1
+            key = str(func.overloadpacket)
+            self.per_op[key] = self.per_op.get(key, 0) + total
             return out
         schema_args = func._schema.arguments
         # `out=` arguments are keyword-only in aten schemas; they are written, not read.
@@ -128,11 +140,12 @@ class FusedSDPAOnMeta(TorchFunctionMode):
         return out[0]
 
 
-def count_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, int]:
+def count_bytes(fn: Callable[..., Any], *args: Any, modeled: dict[str, Callable[..., int]] | None = None,
+                **kwargs: Any) -> tuple[int, int]:
     """Run `fn(*args, **kwargs)` and return (bytes read + written, number of aten ops) as counted by
-    `ByteCounter`. Works on `meta` tensors (nothing is computed; SDPA counts as CUDA's fused kernel, see
-    `FusedSDPAOnMeta`) as well as on real ones."""
-    with FusedSDPAOnMeta(), ByteCounter() as counter:
+    `ByteCounter` (with `modeled` operators counted by their models). Works on `meta` tensors (nothing is
+    computed; SDPA counts as CUDA's fused kernel, see `FusedSDPAOnMeta`) as well as on real ones."""
+    with FusedSDPAOnMeta(), ByteCounter(modeled) as counter:
         fn(*args, **kwargs)
     return counter.total_bytes, counter.ops
 

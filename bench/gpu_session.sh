@@ -72,7 +72,7 @@ timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $SB --steps 50 
   --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_cublas_conv,diffusers_eager,breakdown}" \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
-for fam in ${FAMILIES:-temporal_conv temporal_attention latent_update concat_cond}; do
+for fam in ${FAMILIES:-temporal_conv temporal_attention geglu latent_update concat_cond}; do
   on kernels || continue
   stage "bench kernels $fam"
   timeout "${T_KERNELS:-90}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \

@@ -51,7 +51,7 @@ from .common import (
 )
 from .plot import write_plot
 
-FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update")
+FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu")
 DIRECTIONS_WITH_BACKWARD = ("fwd", "bwd", "fwd+bwd")
 FRAMES = 16
 LEVELS = ((32, 320), (16, 640), (8, 1280), (4, 1280))  # (H = W, channels) of the UNet levels, 32x32 latent
@@ -451,6 +451,49 @@ def _lu_diffusers(s: dict[str, Any]) -> Workload:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# geglu
+
+
+def _geglu_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) -> list[Case]:
+    """The feed-forward's gate at each level: 2 * videos * frames * H * W token rows (the CFG batch), inner
+    width 4 * C, on the projection's output (the projection itself is the same cuBLAS GEMM for all)."""
+    cases = []
+    for hw, c in levels:
+        rows, inner = 2 * videos * frames * hw * hw, 4 * c
+
+        def make(device: str, dtype: torch.dtype, rows=rows, inner=inner) -> dict[str, Any]:
+            torch.manual_seed(0)
+            return {"p": torch.randn(rows, 2 * inner, device=device, dtype=dtype, requires_grad=True)}
+
+        def modeled(dtype: torch.dtype, rows=rows, inner=inner) -> Any:
+            from pdengine.kernels.geglu import modeled_bytes
+
+            return _modeled_directions(modeled_bytes, rows, inner, dtype)
+
+        cases.append(Case("geglu", f"N{rows} I{inner} ({hw}x{hw} C{c})", "kernel", DIRECTIONS_WITH_BACKWARD, make,
+                          {"triton": _geglu_triton, "torch_ref": _geglu_ref, "torch_compile": _geglu_compile},
+                          modeled))
+    return cases
+
+
+def _geglu_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.geglu import geglu
+
+    return Workload(lambda: geglu(s["p"]), [s["p"]])
+
+
+def _geglu_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.geglu_ref import geglu_ref
+
+    fn = torch.compile(geglu_ref, dynamic=False) if compile else geglu_ref
+    return Workload(lambda: fn(s["p"]), [s["p"]])
+
+
+def _geglu_compile(s: dict[str, Any]) -> Workload:
+    return _geglu_ref(s, compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Cases
 
 
@@ -468,6 +511,8 @@ def build_cases(families: Iterable[str], quick: bool, videos: int = VIDEOS, fram
             cases += _concat_cond_cases(videos, frames)
         elif fam == "latent_update":
             cases += _latent_update_cases(videos, frames)
+        elif fam == "geglu":
+            cases += _geglu_cases(lv, videos, frames)
         else:
             raise ValueError(f"unknown kernel family {fam!r} (known: {', '.join(FAMILIES)})")
     return cases

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .common import count_bytes, emit, env_info
+from .common import LAYER_KINDS, emit, env_info
 
 FRAMES, LATENT, TEXT_LEN = 16, 32, 77
 
@@ -71,24 +71,69 @@ def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
     return unet_flops_by_kind(batch, frames, latent)["total"]
 
 
-def _meta_step_counts(batch: int) -> dict[str, dict[str, int]]:
+def operator_byte_models() -> dict[str, Any]:
+    """Modeled HBM bytes of the fused operators whose kernels make several passes over their data (the
+    temporal conv block's four stages; the GroupNorm-to-tokens statistics pass), for `ByteCounter(modeled=)`.
+    Every other operator of ours reads its inputs and writes its outputs once, which the counter's default
+    rule already counts."""
+    from pdengine.kernels import temporal_attention, temporal_conv
+
+    def conv_block(args, kwargs):
+        x, num_frames = args[0], args[1]
+        bf, c, h, w = x.shape
+        return temporal_conv.modeled_bytes(bf // num_frames, num_frames, c, h, w, x.dtype)
+
+    def group_norm_to_tokens(args, kwargs):
+        x, num_frames, groups = args[0], args[1], args[4]
+        bf, c, h, w = x.shape
+        return temporal_attention.modeled_layout_bytes(bf // num_frames, num_frames, h * w, c, groups,
+                                                       x.dtype)["group_norm_to_tokens"]
+
+    return {"pdengine::temporal_conv_block": conv_block, "pdengine::video_group_norm_to_tokens": group_norm_to_tokens}
+
+
+def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
     """aten ops and bytes of one CFG denoising step (UNet on [uncond; cond] + combine + update), ours
-    (static step with cached conditioning) vs the diffusers UNet with c_image concatenated."""
+    (static step with cached conditioning) with the torch backend and with the Triton backend, vs the
+    diffusers UNet with c_image concatenated; with each UNet's bytes per layer kind."""
     from pdengine.engine.graph_sampler import Bucket, StaticSampler
     from pdengine.engine.schedulers import default_scheduler
+    from pdengine.kernels import as_operators
     from pdengine.model import UNet3D
+
+    from .common import ByteCounter, FusedSDPAOnMeta, _layer_marks
 
     cfg = _unet_config()
     c = cfg["out_channels"]
     dt = torch.bfloat16
-    with torch.device("meta"):
-        unet = UNet3D(cfg).to(dt).eval()
-    sched = default_scheduler("ddim")
-    sched.set_timesteps(50, device="meta")
-    bucket = Bucket(batch, c, FRAMES, LATENT, LATENT, TEXT_LEN, cfg["cross_attention_dim"], dt, 50, "ddim", 0.0, True)
-    sampler = StaticSampler(unet, sched, bucket, torch.device("meta"), use_graph=False, fused_update=False)
-    with torch.no_grad():
-        ours_bytes, ours_ops = count_bytes(sampler._step)
+
+    def counted(model, fn, modeled=None) -> dict[str, Any]:
+        counter = ByteCounter(modeled)
+        with torch.no_grad(), FusedSDPAOnMeta(), counter:
+            with _layer_marks(model, LAYER_KINDS, lambda: counter.total_bytes) as marks:
+                fn()
+        kinds: dict[str, int] = {}
+        for kind, a, b in marks:
+            kinds[kind] = kinds.get(kind, 0) + b - a
+        kinds["other"] = counter.total_bytes - sum(kinds.values())
+        return {"bytes": counter.total_bytes, "ops": counter.ops, "kinds": kinds}
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, backend in (("ours", "torch"), ("ours_triton", "triton")):
+        with torch.device("meta"):
+            unet = UNet3D(cfg, backend=backend).to(dt).eval()
+        sched = default_scheduler("ddim")
+        sched.set_timesteps(50, device="meta")
+        bucket = Bucket(batch, c, FRAMES, LATENT, LATENT, TEXT_LEN, cfg["cross_attention_dim"], dt, 50, "ddim", 0.0,
+                        True)
+        # The update runs as the eager scheduler step here (the fused update kernel has no operator to reach on
+        # meta tensors): about 1 MB per video, under 0.01% of the step's bytes.
+        sampler = StaticSampler(unet, sched, bucket, torch.device("meta"), use_graph=False, fused_update=False)
+        if backend == "triton":
+            with as_operators():
+                out[key] = counted(unet, sampler._step, operator_byte_models())
+        else:
+            out[key] = counted(unet, sampler._step)
 
     ref = _diffusers_unet(cfg, "meta", dt)
     x = torch.empty(batch, c, FRAMES, LATENT, LATENT, device="meta", dtype=dt)
@@ -105,9 +150,8 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, int]]:
         x0 = (x - 0.1 * eps) / 0.9
         return 0.95 * x0 + 0.3 * eps
 
-    with torch.no_grad():
-        ref_bytes, ref_ops = count_bytes(diffusers_step)
-    return {"ours": {"bytes": ours_bytes, "ops": ours_ops}, "diffusers": {"bytes": ref_bytes, "ops": ref_ops}}
+    out["diffusers"] = counted(ref, diffusers_step)
+    return out
 
 
 def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
@@ -116,9 +160,10 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
         by_kind = unet_flops_by_kind(2 * b)  # CFG: the UNet runs on [uncond; cond]
         flops_step = by_kind["total"]
         counts = _meta_step_counts(b)
-        # Our row counts the torch backend's step (the reference path: Triton kernels cannot run on meta
-        # tensors); the fused kernels' own byte counts are in `pdengine bench kernels --device cpu`.
-        for provider, key in (("pdengine_torch_backend", "ours"), ("diffusers", "diffusers")):
+        # Ours twice: the torch backend (the reference path) and the Triton backend (what a GPU runs: each
+        # fused kernel one operator, counted by its modeled bytes), beside the diffusers UNet.
+        for provider, key in (("pdengine_torch_backend", "ours"), ("pdengine_triton_backend", "ours_triton"),
+                              ("diffusers", "diffusers")):
             rows.append({
                 "bench": "sample", "provider": provider, "device": "cpu", "batch": b, "steps": steps,
                 "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
@@ -126,6 +171,7 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
                 "unet_gflop_per_frame_per_pass": round(flops_step / (2 * b) / FRAMES / 1e9, 1),
                 "launches_per_step_eager": counts[key]["ops"],
                 "gb_per_step": round(counts[key]["bytes"] / 1e9, 2),
+                **{f"gb_{k}": round(v / 1e9, 2) for k, v in counts[key]["kinds"].items()},
             })
         # Where the UNet's FLOPs are, per layer kind: with the GPU's `sample_breakdown` times, the bound on
         # what faster temporal layers alone can give end to end.

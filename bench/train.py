@@ -7,8 +7,9 @@ autocast, fp32 master weights); peak memory per sample and samples/s (`TRAIN_PRO
 
 On the CPU (no timing, no memory claim): saved-activation bytes per sample of one training forward,
 counted with `torch.autograd.graph.saved_tensors_hooks` on `meta` tensors at the `pixeldance` preset
-(16 x 256 x 256 video, latent 16 x 32 x 32), for each of our checkpointing policies and for the reference
-model; and parameter / gradient / optimizer-state bytes of each setup.
+(16 x 256 x 256 video, latent 16 x 32 x 32), for each of our checkpointing policies with the torch backend
+and with the Triton backend (the kernels' operators on meta tensors, `pdengine.kernels.as_operators`), and
+for the reference model; and parameter / gradient / optimizer-state bytes of each setup.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def _meta_inputs(cfg: dict, dtype: torch.dtype, batch: int = 1):
 def _cpu_rows(preset: str) -> list[dict[str, Any]]:
     from diffusers import UNet3DConditionModel
 
+    from pdengine.kernels import as_operators
     from pdengine.model import UNet3D, preset_config
     from pdengine.train.trainer import apply_activation_checkpointing
 
@@ -82,18 +84,23 @@ def _cpu_rows(preset: str) -> list[dict[str, Any]]:
     rows.append({**base, "provider": "diffusers_reference", "checkpointing": "none (unsupported by the model)",
                  "saved_activation_gib_per_sample": ref_saved / 2**30, "saved_ratio_vs_reference": 1.0,
                  **state_bytes(n_params, "fp32_master")})
-    for policy in POLICIES:
-        with torch.device("meta"):
-            ours = UNet3D(cfg).to(dt).train()
-        apply_activation_checkpointing(ours, policy)
-        saved = saved_activation_bytes(ours, x, t, ctx)
-        rows.append({**base, "provider": "pdengine_torch_backend", "checkpointing": policy,
-                     "saved_activation_gib_per_sample": saved / 2**30, "saved_ratio_vs_reference": saved / ref_saved,
-                     **state_bytes(n_params, "fp32_master")})
+    # The torch backend (the PyTorch reference layers) and the Triton backend (what the trainer runs on a GPU:
+    # each kernel one operator whose fake implementation reaches meta tensors, saving what its backward keeps).
+    for backend in ("torch", "triton"):
+        for policy in POLICIES:
+            with torch.device("meta"):
+                ours = UNet3D(cfg, backend=backend).to(dt).train()
+            apply_activation_checkpointing(ours, policy)
+            with as_operators():
+                saved = saved_activation_bytes(ours, x, t, ctx)
+            rows.append({**base, "provider": f"pdengine_{backend}_backend", "checkpointing": policy,
+                         "saved_activation_gib_per_sample": saved / 2**30,
+                         "saved_ratio_vs_reference": saved / ref_saved, **state_bytes(n_params, "fp32_master")})
+    (default,) = [r for r in rows if r["provider"] == "pdengine_triton_backend" and r["checkpointing"] == "attention"]
     for setup in ("pure_bf16", "adamw8bit"):
         rows.append({**base, "provider": f"pdengine_{setup}", "checkpointing": "attention",
-                     "saved_activation_gib_per_sample": rows[2]["saved_activation_gib_per_sample"],
-                     "saved_ratio_vs_reference": rows[2]["saved_ratio_vs_reference"], **state_bytes(n_params, setup)})
+                     "saved_activation_gib_per_sample": default["saved_activation_gib_per_sample"],
+                     "saved_ratio_vs_reference": default["saved_ratio_vs_reference"], **state_bytes(n_params, setup)})
     return rows
 
 

@@ -206,10 +206,10 @@ def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> Compil
 
 
 def all_specs() -> list[CompileSpec]:
-    """Every kernel launch of the four families at the `pixeldance` preset's shapes."""
-    from . import concat_cond, latent_update, temporal_attention, temporal_conv
+    """Every kernel launch of the kernel families at the `pixeldance` preset's shapes."""
+    from . import concat_cond, geglu, latent_update, temporal_attention, temporal_conv
 
     specs: list[CompileSpec] = []
-    for module in (temporal_conv, temporal_attention, concat_cond, latent_update):
+    for module in (temporal_conv, temporal_attention, concat_cond, latent_update, geglu):
         specs.extend(module.compile_specs())
     return specs

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import operator_path
 from .compile_check import CompileSpec
 
 _LOG2E = 1.4426950408889634
@@ -663,7 +664,7 @@ def temporal_attention_qkv(qkv: torch.Tensor, num_frames: int, heads: int, scale
     head_dim = _check_attention_inputs(qkv[:, :width], qkv[:, width:2 * width], qkv[:, 2 * width:], num_frames,
                                        heads, pixels)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if torch.compiler.is_compiling():  # the operators below
+    if operator_path():  # the operators below
         return _attention_qkv_op(qkv, num_frames, heads, pixels, scale)[0]
     return _TemporalAttentionQKV.apply(qkv, num_frames, heads, pixels, scale)[0]
 
@@ -681,7 +682,7 @@ def video_group_norm_to_tokens(x: torch.Tensor, num_frames: int, weight: torch.T
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and (p.shape != (c,) or p.device != x.device):
             raise ValueError(f"{name} must be ({c},) on {x.device}, got {tuple(p.shape)} on {p.device}")
-    if torch.compiler.is_compiling():  # the operators below
+    if operator_path():  # the operators below
         return _group_norm_to_tokens_op(x, num_frames, weight, bias, groups, float(eps))[0]
     return _VideoGroupNormToTokens.apply(x, weight, bias, num_frames, groups, float(eps))
 
@@ -697,7 +698,7 @@ def tokens_to_video_residual(t: torch.Tensor, x: torch.Tensor, num_frames: int) 
                          f"strides {t.stride()}")
     if t.dtype != x.dtype or t.device != x.device:
         raise ValueError(f"t and x must share dtype and device, got {t.dtype}/{t.device} and {x.dtype}/{x.device}")
-    if torch.compiler.is_compiling():  # the operators below
+    if operator_path():  # the operators below
         return _tokens_to_video_residual_op(t, x, num_frames)
     return _TokensToVideoResidual.apply(t, x, num_frames)
 
@@ -921,8 +922,8 @@ def compile_specs() -> list[CompileSpec]:
 
 
 def _layout_compile_specs() -> list[CompileSpec]:
-    """The layout kernels at the pixeldance shapes (F = 16; C, H, W and the groups are runtime values), bf16
-    and fp32 activations."""
+    """The layout kernels at the pixeldance shapes (F = 16 for the temporal transformers, 1 for the spatial
+    ones; C, H, W and the groups are runtime values), bf16 and fp32 activations."""
     specs = []
     for dtype in ("bf16", "fp32"):
         specs.append(CompileSpec(
@@ -935,30 +936,34 @@ def _layout_compile_specs() -> list[CompileSpec]:
                   "b_ptr": "*fp32", "C": "i32", "P": "i32", "F": "i32", "G": "i32", "eps": "fp32"}
     tokens_sig.update({name: "constexpr" for name in ("NORMALIZE", "HAS_WEIGHT", "HAS_BIAS", "F_PAD", "BLOCK_C",
                                                        "BLOCK_P")})
+    # F_PAD 16: the temporal transformers (16 frames per video); 1: the spatial transformers, which run the
+    # GroupNorm-to-tokens with one frame per "video" (per-image statistics), suffix "_image".
     for dtype in ("bf16", "fp32"):
         for normalize in (True, False):  # GroupNorm to tokens / the residual's token gradient
-            specs.append(CompileSpec(
-                name=f"video_to_tokens_{'norm' if normalize else 'copy'}_{dtype}", fn=_video_to_tokens_kernel,
-                signature={**tokens_sig, "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
-                constexprs={"NORMALIZE": normalize, "HAS_WEIGHT": normalize, "HAS_BIAS": normalize, "F_PAD": 16,
-                            "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P},
-                num_warps=_LAYOUT_WARPS, num_stages=1,
-            ))
+            for f_pad in ((16, 1) if normalize else (16,)):
+                specs.append(CompileSpec(
+                    name=f"video_to_tokens_{'norm' if normalize else 'copy'}_{dtype}{'_image' if f_pad == 1 else ''}",
+                    fn=_video_to_tokens_kernel, signature={**tokens_sig, "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+                    constexprs={"NORMALIZE": normalize, "HAS_WEIGHT": normalize, "HAS_BIAS": normalize,
+                                "F_PAD": f_pad, "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P},
+                    num_warps=_LAYOUT_WARPS, num_stages=1,
+                ))
         bwd_sig = {"x_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "C": "i32",
                    "P": "i32", "F": "i32", "G": "i32", "eps": "fp32", "stride_dy_n": "i32"}
-        blocks = {"F_PAD": 16, "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P}
-        for fn, extra, consts in (
-            (_tokens_group_norm_bwd_reduce_kernel, {"ps1_ptr": "*fp32", "ps2_ptr": "*fp32"}, blocks),
-            (_tokens_group_norm_bwd_apply_kernel,
-             {"w_ptr": "*fp32", "ca_ptr": "*fp32", "cb_ptr": "*fp32", "dx_ptr": f"*{dtype}"},
-             {"HAS_WEIGHT": True, **blocks}),
-        ):
-            types = {**bwd_sig, **extra, **{k: "constexpr" for k in consts}}
-            specs.append(CompileSpec(
-                name=f"{fn.__name__.strip('_').removesuffix('_kernel')}_{dtype}", fn=fn,
-                signature={name: types[name] for name in fn.arg_names},  # in the kernel's argument order
-                constexprs=consts, num_warps=_LAYOUT_WARPS, num_stages=1,
-            ))
+        for f_pad in (16, 1):
+            blocks = {"F_PAD": f_pad, "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P}
+            for fn, extra, consts in (
+                (_tokens_group_norm_bwd_reduce_kernel, {"ps1_ptr": "*fp32", "ps2_ptr": "*fp32"}, blocks),
+                (_tokens_group_norm_bwd_apply_kernel,
+                 {"w_ptr": "*fp32", "ca_ptr": "*fp32", "cb_ptr": "*fp32", "dx_ptr": f"*{dtype}"},
+                 {"HAS_WEIGHT": True, **blocks}),
+            ):
+                types = {**bwd_sig, **extra, **{k: "constexpr" for k in consts}}
+                specs.append(CompileSpec(
+                    name=f"{fn.__name__.strip('_').removesuffix('_kernel')}_{dtype}{'_image' if f_pad == 1 else ''}",
+                    fn=fn, signature={name: types[name] for name in fn.arg_names},  # the kernel's argument order
+                    constexprs=consts, num_warps=_LAYOUT_WARPS, num_stages=1,
+                ))
         specs.append(CompileSpec(
             name=f"tokens_to_video_residual_{dtype}", fn=_tokens_to_video_residual_kernel,
             signature={"t_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "C": "i32", "P": "i32",

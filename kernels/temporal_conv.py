@@ -78,6 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import operator_path
 from . import temporal_conv_table as conv_table
 from .compile_check import CompileSpec
 from .temporal_conv_table import ConvTable
@@ -1548,7 +1549,7 @@ def temporal_conv_block(
     # dropout seeds so masks do not repeat. Counted with the cuBLAS variant's two padding frames per video.
     per_video = (num_frames + 2) * x[0].numel()
     max_rows = (_MAX_LAUNCH_ELEMENTS // per_video) * num_frames
-    if needs_grad and torch.compiler.is_compiling() and x.shape[0] <= max_rows:
+    if needs_grad and operator_path() and x.shape[0] <= max_rows:
         # Training under torch.compile: one operator pair (see _block_train); a seed drawn here stays a tensor
         # in the graph (int() of it would break the graph).
         seed_t = torch.randint(0, 2**31 - 8, ()) if p > 0 and seed is None else torch.tensor(int(seed or 0))
@@ -1564,7 +1565,7 @@ def temporal_conv_block(
     x = x.contiguous()
     if needs_grad:
         return _TemporalConvBlockFn.apply(x, num_frames, groups, eps, p, seed, *params)
-    if torch.compiler.is_compiling():
+    if operator_path():
         return _block_inference_op(x, num_frames, gammas, betas, weights, biases, groups, eps, p, seed)
     return _block_inference(x, num_frames, gammas, betas, weights, biases, groups, eps, p, seed)
 

@@ -23,10 +23,11 @@ logger = logging.getLogger("pdengine")
 
 def use_kernels(backend: str, x: torch.Tensor) -> bool:
     """Whether a layer runs its Triton kernel for input `x`: always for "triton", on CUDA tensors for
-    "auto", never for "torch". CPU tensors reach the kernels only through the Triton interpreter."""
+    "auto", never for "torch". CPU tensors reach the kernels only through the Triton interpreter; `meta`
+    tensors (shape-only counting) reach their operators' fake implementations."""
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return False
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and not x.is_meta and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
             "interpreter); use backend='auto' to pick the PyTorch reference on the CPU"
@@ -200,31 +201,53 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2)."""
+    """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2). With the kernels on, the GEGLU's
+    gate runs as one Triton pass over the projection (kernels/geglu.py)."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, dim: int, mult: int = 4, backend: str = "torch"):
         super().__init__()
         inner = dim * mult
+        self.backend = backend
         self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(self.backend, x):
+            from pdengine.kernels.geglu import geglu
+
+            x = geglu(self.net[0].proj(x))
+            return self.net[2](self.net[1](x))
         for layer in self.net:
             x = layer(x)
         return x
+
+
+class _BackendSwitch:
+    """`backend` of a transformer layer: setting it also switches its feed-forwards' GEGLU kernel."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = value
+        for m in self.modules():
+            if isinstance(m, FeedForward):
+                m.backend = value
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: self-attention, then cross-attention (or a second self-attention when
     `cross_attention_dim` is None: the temporal blocks), then GEGLU feed-forward; residual after each."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None):
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int | None, backend: str = "torch"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads, dim_head)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
-        self.ff = FeedForward(dim)
+        self.ff = FeedForward(dim, backend=backend)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
@@ -247,20 +270,38 @@ def _kernel_self_attention(attn: Attention, h: torch.Tensor, num_frames: int, pi
     return attn.to_out[1](attn.to_out[0](o))
 
 
-class SpatialTransformer(nn.Module):
+class SpatialTransformer(_BackendSwitch, nn.Module):
     """Per-frame 2D transformer: GroupNorm, linear proj_in over pixels, one block with text
     cross-attention, linear proj_out, residual."""
 
-    def __init__(self, channels: int, heads: int, dim_head: int, groups: int, cross_attention_dim: int):
+    def __init__(self, channels: int, heads: int, dim_head: int, groups: int, cross_attention_dim: int,
+                 backend: str = "torch"):
         super().__init__()
         inner = heads * dim_head
+        self.backend = backend
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, cross_attention_dim)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, cross_attention_dim,
+                                                                  backend)])
         self.proj_out = nn.Linear(inner, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         bf, c, h, w = x.shape
+        if use_kernels(self.backend, x):
+            # The temporal transformer's layout kernels with one frame per "video": the per-image GroupNorm
+            # writes token rows directly, and the way back is fused with the residual add (no permute copies).
+            from pdengine.kernels.temporal_attention import (
+                tokens_to_video_residual,
+                video_group_norm_to_tokens,
+            )
+
+            x = x.contiguous()
+            t = video_group_norm_to_tokens(x, 1, self.norm.weight, self.norm.bias, self.norm.num_groups,
+                                           self.norm.eps)
+            t = self.proj_in(t).view(bf, h * w, -1)
+            for block in self.transformer_blocks:
+                t = block(t, context)
+            return tokens_to_video_residual(self.proj_out(t).view(bf * h * w, c), x, 1)
         t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
@@ -269,7 +310,7 @@ class SpatialTransformer(nn.Module):
         return x + t.reshape(bf, h, w, c).permute(0, 3, 1, 2)
 
 
-class TemporalTransformer(nn.Module):
+class TemporalTransformer(_BackendSwitch, nn.Module):
     """Bidirectional self-attention over the frames of every pixel: GroupNorm per video, proj_in,
     one block of two self-attentions (no mask) and a feed-forward, proj_out, residual."""
 
@@ -279,7 +320,7 @@ class TemporalTransformer(nn.Module):
         self.backend = backend
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None, backend)])
         self.proj_out = nn.Linear(inner, channels)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -299,7 +340,8 @@ class TemporalTransformer(nn.Module):
 
     def _kernel_fits(self, num_frames: int) -> bool:
         """The attention kernel covers head dims up to 128 and 1..64 frames; outside that this layer runs
-        the PyTorch path (SD 1.x inflations have head dims of 160) and says so once."""
+        the PyTorch path for its attention and layout (SD 1.x inflations have head dims of 160; the GEGLU
+        kernel still runs) and says so once."""
         attn = self.transformer_blocks[0].attn1
         head_dim = attn.to_q.out_features // attn.heads
         if head_dim <= 128 and num_frames <= 64:
@@ -307,7 +349,8 @@ class TemporalTransformer(nn.Module):
         if not getattr(self, "_warned_fallback", False):
             self._warned_fallback = True
             logger.warning("pdengine temporal attention: head dim %d / %d frames is outside the Triton kernel's "
-                           "range (head dim <= 128, frames <= 64); this layer uses the PyTorch path", head_dim,
+                           "range (head dim <= 128, frames <= 64); this layer's attention and layout use the "
+                           "PyTorch path", head_dim,
                            num_frames)
         return False
 

@@ -183,7 +183,8 @@ class UNet3D(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        """Switch the implementation of the temporal layers (weights untouched): "torch" (PyTorch
+        """Switch the implementation of the kernel-backed layers (weights untouched): the temporal conv and
+        attention layers, and every transformer's GroupNorm-to-tokens layout and GEGLU. "torch" (PyTorch
         reference), "triton" (the kernels), "auto" (kernels on CUDA inputs, reference on CPU)."""
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {value!r}")
@@ -198,7 +199,7 @@ class UNet3D(nn.Module):
         self._backend = value
         self._announced = False
         for m in self.modules():
-            if isinstance(m, (TemporalConvLayer, TemporalTransformer)):
+            if isinstance(m, (TemporalConvLayer, TemporalTransformer, SpatialTransformer)):
                 m.backend = value
 
     # ------------------------------------------------------------------ forward
@@ -244,7 +245,8 @@ class UNet3D(nn.Module):
         if not self._announced and self._backend != "torch":
             self._announced = True
             active = "Triton kernels" if use_kernels(self._backend, sample) else "PyTorch reference"
-            logger.warning("pdengine UNet3D: backend=%s -> %s for the temporal layers (%s)", self._backend,
+            logger.warning("pdengine UNet3D: backend=%s -> %s for the temporal layers and the transformers' "
+                           "norm layout and GEGLU (%s)", self._backend,
                            active, sample.device)
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)

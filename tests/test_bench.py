@@ -16,7 +16,7 @@ from pdengine.bench import kernels as K
 from pdengine.bench.common import count_bytes, tensor_bytes
 from pdengine.bench.plot import write_plot
 
-FOUR = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update")
+FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu")
 ROW_KEYS = {"kernel", "provider", "device", "shape", "dtype", "direction", "status", "gpu", "torch", "triton",
             "diffusers", "git_sha", "timestamp"}
 
@@ -41,6 +41,23 @@ def test_count_bytes_broadcast_operand_counts_its_own_size():
                                   lambda t: t.unsqueeze(0).expand(3, 4, 8), lambda t: t.detach()])
 def test_count_bytes_views_are_free(view):
     assert count_bytes(view, torch.randn(4, 8)) == (0, 0)
+
+
+def test_count_bytes_modeled_operator_counts_its_model():
+    """An operator given a model counts the model's bytes (once, as one op) instead of its inputs and outputs;
+    others keep the default rule."""
+    from pdengine.kernels import as_operators
+    from pdengine.kernels.temporal_conv import modeled_bytes
+    from pdengine.model.layers import TemporalConvLayer
+
+    layer = TemporalConvLayer(64, 8, backend="triton").to("meta").eval()
+    x = torch.empty(2 * 4, 64, 8, 8, device="meta")
+    model = {"pdengine::temporal_conv_block": lambda args, kwargs: 12345}
+    with as_operators(), torch.no_grad():
+        assert count_bytes(layer, x, 4, modeled=model) == (12345, 1)
+        plain, ops = count_bytes(layer, x, 4)
+    assert ops == 1 and plain == 2 * x.nbytes + sum(p.nbytes for p in layer.parameters())
+    assert modeled_bytes(2, 4, 64, 8, 8, torch.float32) > plain  # four stages' passes, not one read and write
 
 
 def test_count_bytes_copies_count_read_and_write():
@@ -118,14 +135,14 @@ def test_cpu_mode_writes_json_csv_svg(cpu_run):
 
 def test_cpu_mode_rows_cover_all_kernels_with_required_keys(cpu_run):
     rows, _, _ = cpu_run
-    assert {r["kernel"] for r in rows} == set(FOUR)
+    assert {r["kernel"] for r in rows} == set(FAMILIES)
     for r in rows:
         assert ROW_KEYS <= r.keys(), sorted(ROW_KEYS - r.keys())
         assert r["device"] == "cpu" and r["gpu"] == "cpu"
         assert "median_ms" not in r  # CPU mode never times
     byte_rows = [r for r in rows if r["direction"] != "compile"]
     assert all(r["status"] == "ok" for r in byte_rows), [r["status"] for r in byte_rows if r["status"] != "ok"]
-    for kernel in FOUR:
+    for kernel in FAMILIES:
         fused = [r for r in byte_rows if r["kernel"] == kernel and r["bytes_fused"] is not None]
         assert {r["provider"] for r in fused} >= {"torch_ref"}
         for r in fused:
@@ -156,7 +173,7 @@ def test_cpu_mode_compile_rows(cpu_run):
 
     rows, _, fake = cpu_run
     compile_rows = [r for r in rows if r["direction"] == "compile"]
-    for kernel in FOUR:
+    for kernel in FAMILIES:
         specs = importlib.import_module(f"pdengine.kernels.{kernel}").compile_specs()
         mine = [r for r in compile_rows if r["kernel"] == kernel]
         assert sorted((r["shape"], r["arch"]) for r in mine) == sorted((s.name, a) for s in specs for a in (80, 90))

@@ -32,12 +32,22 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     sample = [r for r in rows if r["bench"] == "sample"]
-    assert {r["provider"] for r in sample} == {"pdengine_torch_backend", "diffusers"}
+    assert {r["provider"] for r in sample} == {"pdengine_torch_backend", "pdengine_triton_backend", "diffusers"}
+    kinds = ("temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention", "resample", "other")
     for r in sample:
         assert r["status"] == "ok" and r["launches_per_step_eager"] > 100 and r["gb_per_step"] > 0
         assert r["unet_gflops_per_video"] > 0 and r["git_sha"] and r["torch"] == torch.__version__
+        assert sum(r[f"gb_{k}"] for k in kinds) == pytest.approx(r["gb_per_step"], abs=0.05)
+    by = {r["provider"]: r for r in sample}
+    # The Triton backend's step: each fused kernel one operator counted by its model; the temporal layers
+    # move fewer bytes than the torch backend's and diffusers' (the design's point), the spatial ResNets the
+    # same as the torch backend (no kernel there).
+    triton_row = by["pdengine_triton_backend"]
+    for other in ("pdengine_torch_backend", "diffusers"):
+        for k in ("temporal_conv", "temporal_attention", "spatial_attention"):
+            assert triton_row[f"gb_{k}"] < by[other][f"gb_{k}"], (k, other)
+    assert triton_row["gb_spatial_resnet"] == by["pdengine_torch_backend"]["gb_spatial_resnet"]
     (split,) = [r for r in rows if r["bench"] == "sample_breakdown"]
-    kinds = ("temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention", "resample", "other")
     assert sum(split[f"share_{k}"] for k in kinds) == pytest.approx(1.0, abs=1e-3)
     assert sum(split[f"gflop_{k}"] for k in kinds) == pytest.approx(split["unet_call_gflop"], rel=1e-3)
     assert split["unet_call_gflop"] == pytest.approx(unet_flops(2) / 1e9, rel=1e-3)
@@ -91,6 +101,11 @@ def test_bench_train_cpu_counts_saved_activations(tmp_path):
     attention = by[("pdengine_torch_backend", "attention")]["saved_activation_gib_per_sample"]
     full = by[("pdengine_torch_backend", "full")]["saved_activation_gib_per_sample"]
     assert none > attention > full > 0
+    # The Triton backend's operators on meta tensors: its backward passes keep less than the reference layers'
+    # autograd graph under every policy.
+    for policy in ("none", "attention", "full"):
+        triton_saved = by[("pdengine_triton_backend", policy)]["saved_activation_gib_per_sample"]
+        assert 0 < triton_saved < by[("pdengine_torch_backend", policy)]["saved_activation_gib_per_sample"], policy
     ref = next(r for r in rows if r["provider"] == "diffusers_reference")
     assert ref["saved_activation_gib_per_sample"] > 0 and ref["parameters"] > 1_000_000
     assert state_bytes(10, "fp32_master") == {"param_bytes": 40, "grad_bytes": 40, "optimizer_bytes": 80}

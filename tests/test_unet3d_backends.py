@@ -82,7 +82,8 @@ def test_from_pretrained_takes_the_backend(tmp_path):
 
 
 def test_attention_outside_the_kernel_range_falls_back_and_says_so(caplog):
-    """Head dims above 128 (SD 1.x inflations) run the PyTorch path for that layer, with one warning."""
+    """Head dims above 128 (SD 1.x inflations) run the PyTorch path for that layer's attention, with one
+    warning (its feed-forward keeps the GEGLU kernel: equal to fp32 tolerance, not bitwise)."""
     from pdengine.model.layers import TemporalTransformer
 
     torch.manual_seed(0)
@@ -95,7 +96,7 @@ def test_attention_outside_the_kernel_range_falls_back_and_says_so(caplog):
         layer(x, 2)
     assert sum("outside the Triton kernel's range" in r.getMessage() for r in caplog.records) == 1
     with torch.no_grad():
-        assert torch.equal(out, ref(x, 2))
+        assert_close(out, ref(x, 2), name="fallback layer")
 
 
 def test_triton_backend_compiles_as_one_graph():
@@ -121,7 +122,8 @@ def test_triton_backend_compiles_as_one_graph():
     assert_close(got, expected, name="compiled vs eager, triton backend")
     ops = {name for name in targets if name.startswith("pdengine.")}
     assert ops == {"pdengine.temporal_conv_block.default", "pdengine.temporal_attention_qkv.default",
-                   "pdengine.video_group_norm_to_tokens.default", "pdengine.tokens_to_video_residual.default"}
+                   "pdengine.video_group_norm_to_tokens.default", "pdengine.tokens_to_video_residual.default",
+                   "pdengine.geglu.default"}
 
 
 def test_triton_backend_trains_under_compile_as_one_graph():
@@ -159,6 +161,7 @@ def test_triton_backend_trains_under_compile_as_one_graph():
     assert {"pdengine.temporal_conv_block_train.default", "pdengine.temporal_conv_block_train_backward.default",
             "pdengine.temporal_attention_qkv.default", "pdengine.temporal_attention_qkv_backward.default",
             "pdengine.video_group_norm_to_tokens.default", "pdengine.video_group_norm_to_tokens_backward.default",
-            "pdengine.tokens_to_video_residual.default", "pdengine.video_to_tokens.default"} <= ops
+            "pdengine.tokens_to_video_residual.default", "pdengine.video_to_tokens.default",
+            "pdengine.geglu.default", "pdengine.geglu_backward.default"} <= ops
     for name, want in grads["eager"].items():
         assert_close(grads["compiled"][name], want, name=f"compiled grad {name}", scale=3.0)

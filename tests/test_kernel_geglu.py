@@ -1,0 +1,175 @@
+"""GEGLU kernel (`kernels/geglu.py`) against its PyTorch reference (`kernels/geglu_ref.py`, the eager
+computation diffusers runs): forward and gradient, awkward shapes, strided inputs, low precision, input
+errors, the operator path on meta tensors, the feed-forward and spatial transformer wired to it, compile
+check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdengine.bench.common import count_bytes
+from pdengine.kernels import as_operators, geglu_ref
+from pdengine.kernels.compile_check import ARCHS, compile_spec
+from pdengine.kernels.geglu import compile_specs, geglu, modeled_bytes
+from tests.kernel_utils import assert_close, assert_low_precision_close
+
+
+def _p(shape, seed=0, dtype=torch.float32, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (37, 600), (2, 19, 520), (5, 1, 3, 34)])
+def test_forward_and_gradient_match_reference(shape):
+    """Rows not a multiple of the row block, widths not a multiple of 256, 2-4 dims."""
+    p = _p(shape).requires_grad_()
+    y = geglu(p)
+    p_ref = p.detach().clone().requires_grad_()
+    y_ref = geglu_ref.geglu_ref(p_ref)
+    assert_close(y, y_ref, name="forward")
+    dy = _p(y.shape, seed=1)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert_close(p.grad, p_ref.grad, name="grad p")
+    assert_close(geglu_ref.geglu_backward_ref(dy, p.detach()), p_ref.grad, name="closed-form backward reference")
+
+
+def test_row_strided_input_and_expanded_gradient():
+    """p as a column slice of a wider projection (row stride > 2I), read in place; a broadcast dy."""
+    wide = _p((3, 7, 2 * 40 + 24))
+    p = wide[..., :80].requires_grad_(False).clone().requires_grad_()  # leaf for the reference
+    view = wide[..., :80]
+    assert view.stride(-1) == 1 and view.stride(-2) == 104
+    assert_close(geglu(view), geglu_ref.geglu_ref(p.detach()), name="row-strided forward")
+    dy = _p((1, 1, 40), seed=2).expand(3, 7, 40)
+    src = wide.clone().requires_grad_()
+    geglu(src[..., :80]).backward(dy)
+    p.requires_grad_()
+    geglu_ref.geglu_ref(p).backward(dy)
+    assert_close(src.grad[..., :80], p.grad, name="grad through the slice")
+    assert torch.count_nonzero(src.grad[..., 80:]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    p32 = _p((45, 2 * 264)).requires_grad_()
+    p_lp = p32.detach().to(dtype).requires_grad_()
+    p_ref_lp = p32.detach().to(dtype).requires_grad_()
+    y, y_ref_lp, y32 = geglu(p_lp), geglu_ref.geglu_ref(p_ref_lp), geglu_ref.geglu_ref(p32)
+    assert y.dtype == dtype
+    assert_low_precision_close(y, y_ref_lp, y32, name="forward")
+    dy = _p(y.shape, seed=3)
+    y.backward(dy.to(dtype))
+    y_ref_lp.backward(dy.to(dtype))
+    y32.backward(dy)
+    assert p_lp.grad.dtype == dtype
+    assert_low_precision_close(p_lp.grad, p_ref_lp.grad, p32.grad, name="gradient")
+
+
+def test_empty_rows():
+    p = torch.empty(0, 8)
+    assert geglu(p).shape == (0, 4)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: torch.randn(4, 7), "even"),
+    (lambda: torch.randn(8, 4).t(), "unit stride"),
+    (lambda: torch.ones(4, 8, dtype=torch.int32), "floating-point"),
+    (lambda: torch.randn(6, 5, 8).transpose(0, 1), "collapse into rows"),
+])
+def test_input_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        geglu(make())
+
+
+def test_operator_path_on_meta_counts_the_fused_pass():
+    """Inside `as_operators()` the entry point is the registered operator: on meta tensors it gives the
+    shape without launching, and its counted bytes are the kernel's model, under the eager reference's."""
+    p = torch.empty(64, 2 * 512, device="meta", dtype=torch.bfloat16)
+    with as_operators():
+        y = geglu(p)
+        fused, ops = count_bytes(geglu, p)
+    assert y.shape == (64, 512) and y.device.type == "meta"
+    assert ops == 1
+    assert fused == modeled_bytes(64, 512, torch.bfloat16)
+    reference, _ = count_bytes(geglu_ref.geglu_ref, p)
+    assert fused == 3 * reference // 5  # eager: gelu reads and writes I, the product reads 2I and writes I
+
+
+def test_feed_forward_saves_only_the_projection():
+    """Training memory: autograd keeps gelu(gate) (rows x I) in the eager feed-forward, not with the kernel;
+    everything else it saves (the block input, the projection, the gated output) is the same."""
+    from pdengine.model.layers import FeedForward
+
+    def saved(backend: str) -> int:
+        ff = FeedForward(32, backend=backend).to("meta").train()
+        x = torch.empty(6, 10, 32, device="meta", requires_grad=True)
+        params = {p.untyped_storage()._cdata for p in ff.parameters()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage()._cdata not in params:
+                storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), as_operators():
+            ff(x)
+        return sum(storages.values())
+
+    assert saved("torch") - saved("triton") == 6 * 10 * 4 * 32 * 4  # rows x I fp32
+
+
+def test_feed_forward_and_spatial_transformer_use_the_kernels():
+    """The UNet layers wired to the kernels equal the PyTorch path, forward and every gradient: the
+    feed-forward (GEGLU kernel) and the spatial transformer (per-image GroupNorm-to-tokens, GEGLU, the
+    residual layout kernel)."""
+    from pdengine.model.layers import FeedForward, SpatialTransformer
+
+    torch.manual_seed(0)
+    for make, args in (
+        (lambda: FeedForward(24), lambda: (_p((2, 5, 24)),)),
+        (lambda: SpatialTransformer(32, 2, 16, 8, 12), lambda: (_p((3, 32, 3, 5)), _p((3, 4, 12), seed=4))),
+    ):
+        ref = make()
+        with torch.no_grad():
+            for prm in ref.parameters():
+                prm.normal_(0.0, 0.1)
+        fast = make()
+        fast.load_state_dict(ref.state_dict())
+        fast.backend = "triton"
+        inputs = args()
+        outs, grads = [], []
+        for layer in (ref, fast):
+            xs = [t.clone().requires_grad_() for t in inputs]
+            out = layer(*xs)
+            out.backward(torch.ones_like(out) + out.detach())
+            outs.append(out.detach())
+            grads.append([t.grad for t in xs] + [prm.grad for prm in layer.parameters()])
+        assert_close(outs[1], outs[0], name=f"{type(ref).__name__} forward")
+        for i, (got, want) in enumerate(zip(grads[1], grads[0])):
+            assert_close(got, want, name=f"{type(ref).__name__} grad {i}", scale=3.0)
+
+
+def test_compile_specs_no_spills():
+    specs = compile_specs()
+    assert len({s.name for s in specs}) == len(specs) == 4
+    for spec in specs:
+        for arch in ARCHS:
+            report = compile_spec(spec, arch)
+            assert report.local_bytes == 0 and report.stack_bytes == 0, f"{spec.name} sm{arch} spills"
+
+
+@pytest.mark.gpu
+def test_gpu_full_shape_bf16(gpu):
+    """The preset's widest feed-forward at the CFG batch of one video (2 x 16 frames x 32x32 tokens, I =
+    1280), bf16, forward and gradient within 2x PyTorch's own bf16 error."""
+    p32 = torch.randn(2 * 16 * 1024, 2 * 1280, device="cuda").requires_grad_()
+    p_lp = p32.detach().bfloat16().requires_grad_()
+    p_ref = p32.detach().bfloat16().requires_grad_()
+    y, y_ref, y32 = geglu(p_lp), geglu_ref.geglu_ref(p_ref), geglu_ref.geglu_ref(p32)
+    assert_low_precision_close(y, y_ref, y32, name="forward")
+    dy = torch.randn_like(y32)
+    for out, grad in ((y, dy.bfloat16()), (y_ref, dy.bfloat16()), (y32, dy)):
+        out.backward(grad)
+    assert_low_precision_close(p_lp.grad, p_ref.grad, p32.grad, name="gradient")
