@@ -55,7 +55,8 @@ torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
 on tests && timeout "${T_TESTS:-150}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
-  tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_schedulers.py tests/test_pipeline.py \
+  tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_kernel_geglu.py tests/test_schedulers.py \
+  tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
 # The launch table: written level by level (a cut run keeps its finished levels), then used by every later

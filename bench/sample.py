@@ -10,12 +10,15 @@ measured in the same run, peak memory, NVML clocks/power, compile/capture time.
 
 Beside them, per batch, `sample_breakdown` rows: one eager UNet call on the CFG batch split by layer kind
 (temporal conv, temporal attention, spatial ResNet, spatial attention, resampling, other), ours and
-diffusers', from CUDA events around each layer (`bench.common.layer_times`).
+diffusers' (diffusers also with channels_last weights: NHWC convolutions), from CUDA events around each
+layer (`bench.common.layer_times`).
 
 On the CPU (no timing, and nothing claimed about speed): proxies counted on `meta` tensors — UNet FLOPs
 per video (torch.utils.flop_counter), aten ops per denoising step (= kernel launches of an eager step;
-a captured graph replays them as one launch) and bytes per step (every aten op's inputs and outputs,
-`bench.common.count_bytes`), for our step and for the diffusers UNet step.
+a captured graph replays them as one launch) and bytes per step, in all and per layer kind (every aten op's
+inputs and outputs, `bench.common.count_bytes`), for our step with the torch backend and with the Triton
+backend (each kernel one operator, counted by its modeled bytes: `operator_byte_models`), and for the
+diffusers UNet step.
 """
 
 from __future__ import annotations
@@ -322,12 +325,18 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
         "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "auto"),
         "pdengine_eager_cublas_conv": (ours, lambda: ours(inp, t, ctx), "cublas"),
         "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "auto"),
+        # The same diffusers model with its weights in channels_last: cuDNN's convolutions then produce NHWC
+        # activations (no NCHW<->NHWC transposes around them). How much this moves the spatial ResNets'
+        # time decides whether an NHWC layout for our UNet is worth building.
+        "diffusers_eager_channels_last": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "auto"),
     }
     rows = []
     for name, (model, call, gemm) in models.items():
         row: dict[str, Any] = {"bench": "sample_breakdown", "provider": name, "device": "cuda", "batch": b,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+        layout = torch.channels_last if name.endswith("channels_last") else torch.contiguous_format
         try:
+            torch.nn.Module.to(model, memory_format=layout)
             with torch.no_grad(), conv_gemm(gemm, "forward"):
                 ms = layer_times(model, call)
             row.update({"status": "ok", "unet_call_ms": ms["total"],
@@ -337,6 +346,8 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
                            if kind in flops and v > 0}})
         except Exception as e:  # an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+        finally:
+            torch.nn.Module.to(model, memory_format=torch.contiguous_format)
         rows.append(emit(row))
     return rows
 
