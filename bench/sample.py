@@ -68,6 +68,31 @@ def unet_flops_by_kind(batch: int, frames: int = FRAMES, latent: int = LATENT) -
         return layer_flops(unet, lambda: unet(x, t, ctx))
 
 
+# The Stable Diffusion VAE (what PixelDance folders carry): its decoder turns each 32x32 latent frame into a
+# 256x256 image.
+SD_VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+                 "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+                 "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": LATENT * 8}
+
+
+def _sd_vae(device, dtype):
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        return torch.nn.Module.to(AutoencoderKL(**SD_VAE_CONFIG), dtype=dtype).eval()
+
+
+def vae_decode_flops(frames: int = FRAMES, latent: int = LATENT) -> int:
+    """FLOPs of decoding one video's latent frames with the SD VAE, counted on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vae = _sd_vae("meta", torch.bfloat16)
+    z = torch.empty(frames, SD_VAE_CONFIG["latent_channels"], latent, latent, device="meta", dtype=torch.bfloat16)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        vae.decode(z)
+    return counter.get_total_flops()
+
+
 def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
     """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent), counted
     on meta tensors."""
@@ -178,8 +203,13 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
             })
         # Where the UNet's FLOPs are, per layer kind: with the GPU's `sample_breakdown` times, the bound on
         # what faster temporal layers alone can give end to end.
+        # The VAE decode beside the sampling: its share of a video's FLOPs bounds what overlapping the decode of
+        # one batch with the sampling of the next could save.
+        decode = vae_decode_flops()
         rows.append({"bench": "sample_breakdown", "provider": "pixeldance_unet", "device": "cpu", "batch": b,
                      "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
+                     "decode_gflop_per_video": round(decode / 1e9, 1),
+                     "decode_share_of_video": round(decode / (decode + flops_step * steps / b), 4),
                      "unet_call_gflop": round(flops_step / 1e9, 1),
                      **{f"gflop_{k}": round(v / 1e9, 1) for k, v in by_kind.items() if k != "total"},
                      **{f"share_{k}": round(v / flops_step, 4) for k, v in by_kind.items() if k != "total"}})
@@ -349,7 +379,30 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
         finally:
             torch.nn.Module.to(model, memory_format=torch.contiguous_format)
         rows.append(emit(row))
+    rows.append(emit(_decode_row(b, inp.device)))
     return rows
+
+
+def _decode_row(b: int, device) -> dict[str, Any]:  # pragma: no cover
+    """The batch's VAE decode as `generate` runs it (bf16, channels_last, 8 frames per chunk; SD VAE with
+    random weights): its time per video beside the sampling's says whether overlapping the decode of one
+    batch with the next batch's sampling would be worth its memory."""
+    from pdengine.engine.pipeline import decode_frames
+
+    from .common import time_cuda
+
+    row: dict[str, Any] = {"bench": "sample_breakdown", "provider": "vae_decode", "device": "cuda", "batch": b,
+                           "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+    try:
+        vae = torch.nn.Module.to(_sd_vae(device, torch.bfloat16), memory_format=torch.channels_last)
+        frames = torch.randn(b * FRAMES, SD_VAE_CONFIG["latent_channels"], LATENT, LATENT, device=device)
+        with torch.no_grad():
+            ms = time_cuda(lambda: decode_frames(vae, frames, torch.bfloat16), warmup=1, target_ms=0.0, min_reps=3)
+        row.update({"status": "ok", "ms_per_video": ms / b,
+                    "tflops": vae_decode_flops() * b / (ms * 1e-3) / 1e12})
+    except Exception as e:  # an explicit row, never a missing one
+        row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+    return row
 
 
 def run_sample_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,

@@ -26,6 +26,17 @@ PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 
 
+def decode_frames(vae, frames: torch.Tensor, dtype: torch.dtype, frames_per_chunk: int = 8) -> torch.Tensor:
+    """Unscaled latent frames (N, C, h, w) -> images (N, 3, H, W) float32 through `vae.decode`, a few frames at
+    a time (memory stays bounded; the VAE treats frames independently, so chunking is exact). On CUDA the
+    chunks go in channels_last: cuDNN's convolutions in the decoder then run NHWC kernels without transposes
+    (the VAE's weights are converted when the pipeline loads it)."""
+    fmt = torch.channels_last if frames.is_cuda else torch.contiguous_format
+    out = [vae.decode(chunk.to(dtype).contiguous(memory_format=fmt)).sample.float()
+           for chunk in frames.split(max(1, frames_per_chunk))]
+    return torch.cat(out)
+
+
 class ModelFolderError(ValueError):
     """A model folder that is missing a part or has a malformed one; the message names the part."""
 
@@ -267,12 +278,7 @@ class PixelDancePipeline:
         time so memory stays bounded (the VAE treats frames independently, so chunking is exact)."""
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        flat = flat / self.scaling_factor + self.shift_factor
-        # channels_last on CUDA: cuDNN's convolutions in the VAE decoder run NHWC kernels without transposes.
-        fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        out = [self.vae.decode(chunk.to(self.dtype).contiguous(memory_format=fmt)).sample.float()
-               for chunk in flat.split(max(1, frames_per_chunk))]
-        video = torch.cat(out)
+        video = decode_frames(self.vae, flat / self.scaling_factor + self.shift_factor, self.dtype, frames_per_chunk)
         return video.reshape(b, f, *video.shape[1:]).permute(0, 2, 1, 3, 4)
 
     # ------------------------------------------------------------------ sampling

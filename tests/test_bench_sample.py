@@ -51,6 +51,12 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
     assert sum(split[f"share_{k}"] for k in kinds) == pytest.approx(1.0, abs=1e-3)
     assert sum(split[f"gflop_{k}"] for k in kinds) == pytest.approx(split["unet_call_gflop"], rel=1e-3)
     assert split["unet_call_gflop"] == pytest.approx(unet_flops(2) / 1e9, rel=1e-3)
+    # The VAE decode's FLOPs beside the 50 steps' (the overlap decision): the SD VAE decoder, counted.
+    from pdengine.bench.sample import vae_decode_flops
+
+    decode = vae_decode_flops()
+    assert split["decode_gflop_per_video"] == pytest.approx(decode / 1e9, abs=0.1)
+    assert split["decode_share_of_video"] == pytest.approx(decode / (decode + 50 * unet_flops(2)), abs=1e-4)
     assert out.with_suffix(".csv").is_file()
 
 
