@@ -5,6 +5,8 @@ Providers (one row each, per shape and direction):
                    GPU's launch table from `pdengine tune`, else the fused kernels with built-in tiles)
     triton_cublas  temporal_conv only: our block with its forward convs on cuBLAS
                    (`temporal_conv.conv_gemm("cublas", "forward")`), the backward as `triton`
+    cublas_geglu   geglu's "feed-forward in" scope only: cuBLAS's projection, then our gate kernel (the
+                   default inference path; `triton` there is the fused projection + gate, `ff_geglu`)
     torch_ref      the eager pure-PyTorch reference (`pdengine.kernels.<family>_ref`)
     torch_compile  that reference under `torch.compile` (compile time reported apart, as `compile_s`)
     diffusers      the diffusers layer doing the same job, where one exists
@@ -473,7 +475,50 @@ def _geglu_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) ->
         cases.append(Case("geglu", f"N{rows} I{inner} ({hw}x{hw} C{c})", "kernel", DIRECTIONS_WITH_BACKWARD, make,
                           {"triton": _geglu_triton, "torch_ref": _geglu_ref, "torch_compile": _geglu_compile},
                           modeled))
+
+        def make_ff(device: str, dtype: torch.dtype, rows=rows, c=c, inner=inner) -> dict[str, Any]:
+            torch.manual_seed(0)
+            return {"x": torch.randn(rows, c, device=device, dtype=dtype),
+                    "w": torch.randn(2 * inner, c, device=device, dtype=dtype) * c ** -0.5,
+                    "b": torch.randn(2 * inner, device=device, dtype=dtype) * 0.1}
+
+        def modeled_ff(dtype: torch.dtype, rows=rows, c=c, inner=inner) -> Any:
+            item = torch.empty((), dtype=dtype).element_size()
+            return (rows * c + 2 * inner * c + 2 * inner + rows * inner) * item  # x, W, bias in; y out
+
+        # The feed-forward's first half at inference (projection + gate): the fused Triton GEMM against cuBLAS's
+        # projection followed by the gate kernel, the eager reference (diffusers' GEGLU does the same ops) and
+        # its torch.compile. FLOPs from the projection.
+        cases.append(Case("geglu", f"N{rows} K{c} I{inner} ({hw}x{hw})", "feed-forward in", ("fwd",), make_ff,
+                          {"triton": _ff_fused, "cublas_geglu": _ff_cublas_geglu, "torch_ref": _ff_ref,
+                           "torch_compile": _ff_compile}, modeled_ff))
     return cases
+
+
+def _ff_fused(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.geglu import ff_geglu
+
+    return Workload(lambda: ff_geglu(s["x"], s["w"], s["b"]))
+
+
+def _ff_cublas_geglu(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.geglu import geglu
+
+    return Workload(lambda: geglu(torch.nn.functional.linear(s["x"], s["w"], s["b"])))
+
+
+def _ff_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.geglu_ref import geglu_ref
+
+    def fn(x, w, b):
+        return geglu_ref(torch.nn.functional.linear(x, w, b))
+
+    run = torch.compile(fn, dynamic=False) if compile else fn
+    return Workload(lambda: run(s["x"], s["w"], s["b"]))
+
+
+def _ff_compile(s: dict[str, Any]) -> Workload:
+    return _ff_ref(s, compile=True)
 
 
 def _geglu_triton(s: dict[str, Any]) -> Workload:

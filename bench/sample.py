@@ -122,8 +122,9 @@ def operator_byte_models() -> dict[str, Any]:
 
 def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
     """aten ops and bytes of one CFG denoising step (UNet on [uncond; cond] + combine + update), ours
-    (static step with cached conditioning) with the torch backend and with the Triton backend, vs the
-    diffusers UNet with c_image concatenated; with each UNet's bytes per layer kind."""
+    (static step with cached conditioning) with the torch backend and with the Triton backend (feed-forwards
+    as by default, and fused), vs the diffusers UNet with c_image concatenated; with each UNet's bytes per
+    layer kind."""
     from pdengine.engine.graph_sampler import Bucket, StaticSampler
     from pdengine.engine.schedulers import default_scheduler
     from pdengine.kernels import as_operators
@@ -146,8 +147,11 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
         kinds["other"] = counter.total_bytes - sum(kinds.values())
         return {"bytes": counter.total_bytes, "ops": counter.ops, "kinds": kinds}
 
+    from pdengine.kernels.geglu import ff_gemm
+
     out: dict[str, dict[str, Any]] = {}
-    for key, backend in (("ours", "torch"), ("ours_triton", "triton")):
+    for key, backend, ff in (("ours", "torch", "cublas"), ("ours_triton", "triton", "cublas"),
+                             ("ours_triton_fused_ff", "triton", "fused")):
         with torch.device("meta"):
             unet = UNet3D(cfg, backend=backend).to(dt).eval()
         sched = default_scheduler("ddim")
@@ -158,7 +162,7 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
         # meta tensors): about 1 MB per video, under 0.01% of the step's bytes.
         sampler = StaticSampler(unet, sched, bucket, torch.device("meta"), use_graph=False, fused_update=False)
         if backend == "triton":
-            with as_operators():
+            with as_operators(), ff_gemm(ff):
                 out[key] = counted(unet, sampler._step, operator_byte_models())
         else:
             out[key] = counted(unet, sampler._step)
@@ -188,10 +192,11 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
         by_kind = unet_flops_by_kind(2 * b)  # CFG: the UNet runs on [uncond; cond]
         flops_step = by_kind["total"]
         counts = _meta_step_counts(b)
-        # Ours twice: the torch backend (the reference path) and the Triton backend (what a GPU runs: each
-        # fused kernel one operator, counted by its modeled bytes), beside the diffusers UNet.
+        # Ours three times: the torch backend (the reference path), the Triton backend (what a GPU runs: each
+        # fused kernel one operator, counted by its modeled bytes) and the same with the feed-forwards'
+        # projection + gate fused (`PDENGINE_FF_GEMM=fused`), beside the diffusers UNet.
         for provider, key in (("pdengine_torch_backend", "ours"), ("pdengine_triton_backend", "ours_triton"),
-                              ("diffusers", "diffusers")):
+                              ("pdengine_triton_backend_fused_ff", "ours_triton_fused_ff"), ("diffusers", "diffusers")):
             rows.append({
                 "bench": "sample", "provider": provider, "device": "cpu", "batch": b, "steps": steps,
                 "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
@@ -343,6 +348,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
 def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]:  # pragma: no cover
     """Where one eager UNet call on the CFG batch spends its time, per layer kind, ours and diffusers'
     (`bench.common.layer_times`): the map of what to speed up next."""
+    from pdengine.kernels.geglu import ff_gemm
     from pdengine.kernels.temporal_conv import conv_gemm
 
     from .common import layer_times
@@ -354,6 +360,9 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
     models = {
         "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "auto"),
         "pdengine_eager_cublas_conv": (ours, lambda: ours(inp, t, ctx), "cublas"),
+        # The feed-forwards' projection + gate as one Triton GEMM (`PDENGINE_FF_GEMM=fused`): the transformer
+        # kinds' times against pdengine_eager's say whether it should become the default.
+        "pdengine_eager_fused_ff": (ours, lambda: ours(inp, t, ctx), "auto"),
         "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "auto"),
         # The same diffusers model with its weights in channels_last: cuDNN's convolutions then produce NHWC
         # activations (no NCHW<->NHWC transposes around them). How much this moves the spatial ResNets'
@@ -367,7 +376,8 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
         layout = torch.channels_last if name.endswith("channels_last") else torch.contiguous_format
         try:
             torch.nn.Module.to(model, memory_format=layout)
-            with torch.no_grad(), conv_gemm(gemm, "forward"):
+            ff = "fused" if name.endswith("fused_ff") else "cublas"
+            with torch.no_grad(), conv_gemm(gemm, "forward"), ff_gemm(ff):
                 ms = layer_times(model, call)
             row.update({"status": "ok", "unet_call_ms": ms["total"],
                         **{f"ms_{kind}": v for kind, v in ms.items() if kind != "total"},

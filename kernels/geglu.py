@@ -1,4 +1,5 @@
-"""GEGLU activation of the transformers' feed-forward, forward and backward in one pass each.
+"""GEGLU activation of the transformers' feed-forward: forward and backward in one pass each, and for
+inference fused with the projection GEMM.
 
 The feed-forward's first projection writes p = [h | gate] (N, 2*I) (cuBLAS, bias in its epilogue); then
     y = h * gelu(gate)                      (exact erf GELU, fp32 math, stored in p's dtype)
@@ -12,11 +13,23 @@ each program moves a BLOCK_R x BLOCK_I tile of both halves with 16-byte vectors 
 in int64 (N * 2I passes 2^31 elements at batch 32). p may be a row-strided view (unit stride along the
 last dim); dy any strides.
 
-Under torch.compile and inside `pdengine.kernels.as_operators()` the entry point is one opaque operator with
-its backward registered (fake implementations give shapes on meta tensors).
+For inference there is also `ff_geglu`, the projection and the gate in one kernel: each 128 x 64 output tile
+multiplies x by the h and the gate rows of the weight (two fp32 accumulators, tensor cores for 16-bit
+operands) and gates in the epilogue, so p never reaches memory (a forward pass then reads x and writes y
+only, and no p-sized buffer is held). Whether it beats cuBLAS's projection + the gate kernel depends on how
+close a Triton GEMM gets to cuBLAS at these shapes (K = 320..1280): opt-in (`PDENGINE_FF_GEMM=fused`,
+`ff_gemm("fused")`) until `pdengine bench kernels --family geglu` has timed both on a GPU.
+
+Under torch.compile and inside `pdengine.kernels.as_operators()` the entry points are opaque operators, the
+gate's with its backward registered (fake implementations give shapes on meta tensors).
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,8 +38,15 @@ import triton.language as tl
 from . import operator_path
 from .compile_check import CompileSpec
 from .geglu_ref import check_geglu_input
+from .temporal_conv import _cast, _dot
 
-__all__ = ["geglu", "modeled_bytes", "compile_specs"]
+__all__ = ["geglu", "ff_geglu", "ff_gemm", "ff_gemm_mode", "modeled_bytes", "compile_specs"]
+
+
+@triton.jit
+def _gelu(g):
+    """Exact (erf) GELU of fp32 g."""
+    return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
 
 
 @triton.jit
@@ -51,7 +71,7 @@ def _geglu_fwd_kernel(
     BLOCK_I: tl.constexpr,
 ):
     rows64, cols, mask, h, g = _tile_and_halves(p_ptr, R, INNER, stride_p, BLOCK_R, BLOCK_I)
-    y = h * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
+    y = h * _gelu(g)
     tl.store(y_ptr + rows64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -71,6 +91,63 @@ def _geglu_bwd_kernel(
     dh_ptrs = dp_ptr + rows64 * stride_dp + cols[None, :]
     tl.store(dh_ptrs, (dy * g * cdf).to(dp_ptr.dtype.element_ty), mask=mask)
     tl.store(dh_ptrs + INNER, (dy * h * (cdf + g * pdf)).to(dp_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ff_geglu_kernel(
+    x_ptr,  # (M, K) input rows, row stride stride_x, unit column stride
+    w_ptr,  # (2*INNER, K) the projection's weight [W_h; W_gate], contiguous
+    b_ptr,  # (2*INNER,) its bias (HAS_BIAS)
+    y_ptr,  # (M, INNER) output, contiguous
+    M, K, INNER, stride_x,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
+    PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Programs walk GROUP_M row tiles per column tile, so a column tile's weight rows stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(INNER, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < INNER
+    a_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
+    # B = W^T tiles (BLOCK_K, BLOCK_N), K contiguous: the h columns and, INNER rows further, the gate's.
+    bh_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
+    gate_offset = INNER.to(tl.int64) * K
+    acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            bh = tl.load(bh_ptrs, mask=n_ok[None, :], other=0.0)
+            bg = tl.load(bh_ptrs + gate_offset, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            bh = tl.load(bh_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            bg = tl.load(bh_ptrs + gate_offset, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_h = _dot(a, bh, acc_h, PRECISION, INTERPRETED)
+        acc_g = _dot(a, bg, acc_g, PRECISION, INTERPRETED)
+        a_ptrs += BLOCK_K
+        bh_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc_h += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_ptr + INNER + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = _cast(acc_h * _gelu(acc_g), y_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * INNER + offs_n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -119,6 +196,43 @@ def _backward(dy: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return dp.view(p.shape)
 
 
+class _FFConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def _ff_config(dtype: torch.dtype) -> _FFConfig:
+    """16-bit operands: 128 x 64 output tiles with two fp32 accumulators (h and gate), K steps of 64, three
+    stages (tensor cores; 112-142 registers, no spills on sm80/sm90). fp32 operands (exact products on FMA
+    units, the accuracy path): 64 x 64 tiles, K steps of 32, two stages, so the accumulators fit without
+    spilling."""
+    if dtype == torch.float32:
+        return _FFConfig(64, 64, 32, 8, 8, 2)
+    return _FFConfig(128, 64, 64, 8, 8, 3)
+
+
+def _ff_geglu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = x.shape[-1]
+    inner = weight.shape[0] // 2
+    x2 = _rows(x, k, "x")
+    y = torch.empty((x2.shape[0], inner), dtype=x.dtype, device=x.device)
+    if y.numel():
+        cfg = _ff_config(x.dtype)
+        grid = (triton.cdiv(x2.shape[0], cfg.block_m) * triton.cdiv(inner, cfg.block_n),)
+        _ff_geglu_kernel[grid](
+            x2, weight, bias if bias is not None else weight, y, x2.shape[0], k, inner, x2.stride(0),
+            HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETED=not x.is_cuda,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y.view(*x.shape[:-1], inner)
+
+
 class _GEGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p):
@@ -129,6 +243,41 @@ class _GEGLU(torch.autograd.Function):
     def backward(ctx, dy):
         (p,) = ctx.saved_tensors
         return _backward(dy, p)
+
+
+# ----------------------------------------------------------------------------------------------- mode
+
+FF_GEMMS = ("cublas", "fused")
+
+
+def _mode_from_env() -> str:
+    value = os.environ.get("PDENGINE_FF_GEMM", "cublas")
+    if value not in FF_GEMMS:
+        raise ValueError(f"PDENGINE_FF_GEMM must be one of {FF_GEMMS}, got {value!r}")
+    return value
+
+
+_ff_gemm = _mode_from_env()
+
+
+def ff_gemm_mode() -> str:
+    """How the UNet's feed-forwards run their first half at inference: "cublas" (the default: the projection
+    on cuBLAS, then the `geglu` kernel) or "fused" (`ff_geglu`: one Triton kernel, the projection never
+    stored). `PDENGINE_FF_GEMM` sets it at import; `ff_gemm(name)` for a block of code. Training always
+    runs the cuBLAS projection (its backward needs the projection)."""
+    return _ff_gemm
+
+
+@contextlib.contextmanager
+def ff_gemm(name: str) -> Iterator[None]:
+    global _ff_gemm
+    if name not in FF_GEMMS:
+        raise ValueError(f"ff_gemm must be one of {FF_GEMMS}, got {name!r}")
+    previous, _ff_gemm = _ff_gemm, name
+    try:
+        yield
+    finally:
+        _ff_gemm = previous
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -142,6 +291,29 @@ def geglu(p: torch.Tensor) -> torch.Tensor:
     if operator_path():
         return _geglu_op(p)
     return _GEGLU.apply(p)
+
+
+def ff_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The feed-forward's first half in one kernel, for inference: GEGLU(x @ weight.T + bias) with
+    [h | gate] = the projection, (..., K) -> (..., I) for a (2*I, K) weight. The projection never reaches
+    memory: each output tile multiplies x by both halves' weight rows and gates in the epilogue (fp32
+    accumulation; fp32 operands multiply exactly). No autograd: with gradients required use
+    `geglu(F.linear(x, weight, bias))`, whose backward needs the projection."""
+    if x.dim() < 1 or not x.is_floating_point() or x.numel() and x.stride(-1) != 1:
+        raise ValueError(f"x must be floating-point (..., K) rows with unit last-dim stride, got {tuple(x.shape)} "
+                         f"{x.dtype} strides {x.stride()}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] % 2 or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous (2*I, K={x.shape[-1]}) projection, got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if any(t.dtype != x.dtype or t.device != x.device for t in (weight, *([bias] if bias is not None else []))):
+        raise ValueError("x, weight and bias must share dtype and device")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        raise ValueError("ff_geglu is for inference (no autograd): use geglu(F.linear(x, weight, bias)) "
+                         "when gradients are needed")
+    if operator_path():
+        return _ff_geglu_op(x, weight, bias)
+    return _ff_geglu_forward(x, weight, bias)
 
 
 def modeled_bytes(rows: int, inner: int, dtype: torch.dtype = torch.bfloat16, *, backward: bool = False) -> int:
@@ -181,6 +353,14 @@ def _geglu_grad(ctx, dy):
 _geglu_op.register_autograd(_geglu_grad, setup_context=_geglu_setup)
 
 
+_ff_geglu_op = torch.library.custom_op("pdengine::ff_geglu", _ff_geglu_forward, mutates_args=())
+
+
+@_ff_geglu_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
+
+
 # ----------------------------------------------------------------------------------------------- compile check
 
 
@@ -191,8 +371,9 @@ def _jit(fn):
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Forward and backward in bf16 and fp32 (the tile does not depend on the preset's widths 1280 / 2560 /
-    5120, all multiples of 256; the row count only sets the grid)."""
+    """The gate's forward and backward in bf16 and fp32 (the tile does not depend on the preset's widths 1280 /
+    2560 / 5120, all multiples of 256; the row count only sets the grid), and the fused projection + gate
+    (K = 320 / 640 / 1280, all multiples of its K step: EVEN_K) in bf16 (tensor cores) and fp32."""
     block_r, block_i, num_warps = _block_config(1280)
     consts = {"BLOCK_R": block_r, "BLOCK_I": block_i}
     specs = []
@@ -209,5 +390,18 @@ def compile_specs() -> list[CompileSpec]:
                        "stride_p": "i32", "stride_dp": "i32", "BLOCK_R": "constexpr", "BLOCK_I": "constexpr"},
             constexprs=consts, num_warps=num_warps, num_stages=1,
             divisible=("INNER", "stride_dy", "stride_p", "stride_dp"),
+        ))
+    for dname, ptr, dtype in (("bf16", "*bf16", torch.bfloat16), ("fp32", "*fp32", torch.float32)):
+        cfg = _ff_config(dtype)
+        specs.append(CompileSpec(
+            name=f"ff_geglu_{dname}", fn=_jit(_ff_geglu_kernel),
+            signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "M": "i32", "K": "i32", "INNER": "i32",
+                       "stride_x": "i32", **{n: "constexpr" for n in ("HAS_BIAS", "EVEN_K", "PRECISION", "INTERPRETED",
+                                                                     "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}},
+            constexprs={"HAS_BIAS": True, "EVEN_K": True, "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                        "INTERPRETED": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                        "GROUP_M": cfg.group_m},
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=dtype != torch.float32,
+            divisible=("K", "INNER", "stride_x"),
         ))
     return specs

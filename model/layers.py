@@ -202,7 +202,8 @@ class GEGLU(nn.Module):
 
 class FeedForward(nn.Module):
     """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2). With the kernels on, the GEGLU's
-    gate runs as one Triton pass over the projection (kernels/geglu.py)."""
+    gate runs as one Triton pass over the projection (kernels/geglu.py), or at inference with
+    `PDENGINE_FF_GEMM=fused` fused with the projection in one Triton GEMM."""
 
     def __init__(self, dim: int, mult: int = 4, backend: str = "torch"):
         super().__init__()
@@ -212,9 +213,14 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_kernels(self.backend, x):
-            from pdengine.kernels.geglu import geglu
+            from pdengine.kernels.geglu import ff_geglu, ff_gemm_mode, geglu
 
-            x = geglu(self.net[0].proj(x))
+            proj = self.net[0].proj
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
+            if ff_gemm_mode() == "fused" and not needs_grad:
+                x = ff_geglu(x, proj.weight, proj.bias)
+            else:
+                x = geglu(proj(x))
             return self.net[2](self.net[1](x))
         for layer in self.net:
             x = layer(x)

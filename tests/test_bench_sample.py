@@ -32,7 +32,8 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     sample = [r for r in rows if r["bench"] == "sample"]
-    assert {r["provider"] for r in sample} == {"pdengine_torch_backend", "pdengine_triton_backend", "diffusers"}
+    assert {r["provider"] for r in sample} == {"pdengine_torch_backend", "pdengine_triton_backend",
+                                               "pdengine_triton_backend_fused_ff", "diffusers"}
     kinds = ("temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention", "resample", "other")
     for r in sample:
         assert r["status"] == "ok" and r["launches_per_step_eager"] > 100 and r["gb_per_step"] > 0
@@ -47,6 +48,11 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
         for k in ("temporal_conv", "temporal_attention", "spatial_attention"):
             assert triton_row[f"gb_{k}"] < by[other][f"gb_{k}"], (k, other)
     assert triton_row["gb_spatial_resnet"] == by["pdengine_torch_backend"]["gb_spatial_resnet"]
+    # The fused feed-forward never writes the projection: fewer bytes in both transformer kinds, and fewer ops.
+    fused = by["pdengine_triton_backend_fused_ff"]
+    for k in ("temporal_attention", "spatial_attention"):
+        assert fused[f"gb_{k}"] < triton_row[f"gb_{k}"], k
+    assert fused["launches_per_step_eager"] < triton_row["launches_per_step_eager"]
     (split,) = [r for r in rows if r["bench"] == "sample_breakdown"]
     assert sum(split[f"share_{k}"] for k in kinds) == pytest.approx(1.0, abs=1e-3)
     assert sum(split[f"gflop_{k}"] for k in kinds) == pytest.approx(split["unet_call_gflop"], rel=1e-3)

@@ -11,7 +11,7 @@ import torch
 from pdengine.bench.common import count_bytes
 from pdengine.kernels import as_operators, geglu_ref
 from pdengine.kernels.compile_check import ARCHS, compile_spec
-from pdengine.kernels.geglu import compile_specs, geglu, modeled_bytes
+from pdengine.kernels.geglu import compile_specs, ff_geglu, ff_gemm, geglu, modeled_bytes
 from tests.kernel_utils import assert_close, assert_low_precision_close
 
 
@@ -151,13 +151,84 @@ def test_feed_forward_and_spatial_transformer_use_the_kernels():
             assert_close(got, want, name=f"{type(ref).__name__} grad {i}", scale=3.0)
 
 
+def _ff_inputs(m_shape, k, inner, dtype=torch.float32, seed=5):
+    x = _p((*m_shape, k), seed=seed, scale=1.0).to(dtype)
+    w = (_p((2 * inner, k), seed=seed + 1, scale=1.0) * k ** -0.5).to(dtype)
+    b = _p((2 * inner,), seed=seed + 2, scale=0.5).to(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("m_shape, k, inner", [((37,), 40, 24), ((2, 70), 64, 64), ((1,), 8, 3), ((130,), 96, 70)])
+def test_ff_geglu_matches_projection_then_gate(m_shape, k, inner):
+    """Rows, K (with and without the EVEN_K path) and widths not multiples of the tile; fp32 exact products."""
+    x, w, b = _ff_inputs(m_shape, k, inner)
+    want = geglu_ref.geglu_ref(torch.nn.functional.linear(x, w, b))
+    assert_close(ff_geglu(x, w, b), want, name="fused forward")
+    assert_close(ff_geglu(x, w), geglu_ref.geglu_ref(torch.nn.functional.linear(x, w)), name="without bias")
+
+
+def test_ff_geglu_row_strided_input_and_bf16():
+    x, w, b = _ff_inputs((50,), 64, 40)
+    wide = torch.cat([x, torch.full((50, 16), float("nan"))], dim=1)  # never read: only the first K columns
+    assert_close(ff_geglu(wide[:, :64], w, b), geglu_ref.geglu_ref(torch.nn.functional.linear(x, w, b)),
+                 name="row-strided x")
+    lp = [t.bfloat16() for t in (x, w, b)]
+    want32 = geglu_ref.geglu_ref(torch.nn.functional.linear(x, w, b))
+    want_lp = geglu_ref.geglu_ref(torch.nn.functional.linear(*lp))
+    got = ff_geglu(*lp)
+    assert got.dtype == torch.bfloat16
+    assert_low_precision_close(got, want_lp, want32, name="bf16 fused")
+
+
+def test_ff_geglu_input_errors():
+    x, w, b = _ff_inputs((4,), 8, 6)
+    with pytest.raises(ValueError, match="inference"):
+        ff_geglu(x.requires_grad_(), w, b)
+    x = x.detach()
+    with pytest.raises(ValueError, match="weight must be"):
+        ff_geglu(x, w[:, :4], b)
+    with pytest.raises(ValueError, match="bias must be"):
+        ff_geglu(x, w, b[:5])
+    with pytest.raises(ValueError, match="share dtype"):
+        ff_geglu(x, w.double(), b)
+    with pytest.raises(ValueError, match="must be one of"):
+        with ff_gemm("cudnn"):
+            pass
+
+
+def test_feed_forward_fused_mode_at_inference_only():
+    """`ff_gemm("fused")`: the feed-forward equals the PyTorch path without gradients (one fused operator), and
+    with gradients it keeps the projection + gate kernel (its backward needs the projection)."""
+    from pdengine.model.layers import FeedForward
+
+    torch.manual_seed(0)
+    ref = FeedForward(16)
+    fast = FeedForward(16, backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    x = _p((3, 5, 16), seed=7, scale=1.0)
+    with ff_gemm("fused"):
+        with torch.no_grad():
+            assert_close(fast(x), ref(x), name="fused feed-forward")
+        with as_operators(), torch.no_grad():
+            meta_ff = FeedForward(16, backend="triton").to("meta")
+            ops = count_bytes(meta_ff, torch.empty(3, 5, 16, device="meta"))[1]
+        assert ops == 2  # ff_geglu + the output projection: the projection output is never written
+        xg = x.clone().requires_grad_()
+        fast(xg).sum().backward()
+    xr = x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    assert_close(xg.grad, xr.grad, name="training keeps the unfused path")
+
+
 def test_compile_specs_no_spills():
     specs = compile_specs()
-    assert len({s.name for s in specs}) == len(specs) == 4
+    assert len({s.name for s in specs}) == len(specs) == 6
     for spec in specs:
         for arch in ARCHS:
             report = compile_spec(spec, arch)
             assert report.local_bytes == 0 and report.stack_bytes == 0, f"{spec.name} sm{arch} spills"
+            if spec.expects_mma:
+                assert report.mma_instructions > 0, f"{spec.name} sm{arch} has no tensor-core instructions"
 
 
 @pytest.mark.gpu
@@ -173,3 +244,18 @@ def test_gpu_full_shape_bf16(gpu):
     for out, grad in ((y, dy.bfloat16()), (y_ref, dy.bfloat16()), (y32, dy)):
         out.backward(grad)
     assert_low_precision_close(p_lp.grad, p_ref.grad, p32.grad, name="gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, k, inner", [(2 * 16 * 1024, 320, 1280), (2 * 16 * 64, 1280, 5120)])
+def test_gpu_ff_geglu_full_shapes_bf16(gpu, rows, k, inner):
+    """The fused projection + gate at the top and the 8x8 level of one video's CFG batch, bf16 within 2x
+    PyTorch's own bf16 error (cuBLAS projection + eager gate) of the fp32 computation."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, k, device="cuda")
+    w = torch.randn(2 * inner, k, device="cuda") * k ** -0.5
+    b = torch.randn(2 * inner, device="cuda") * 0.1
+    want32 = geglu_ref.geglu_ref(torch.nn.functional.linear(x, w, b))
+    lp = [t.bfloat16() for t in (x, w, b)]
+    want_lp = geglu_ref.geglu_ref(torch.nn.functional.linear(*lp))
+    assert_low_precision_close(ff_geglu(*lp), want_lp, want32, name="fused bf16")
