@@ -38,6 +38,7 @@ def test_collect_info_on_this_machine(report):
     if importlib.util.find_spec("flash_attn") is None:
         assert report["backends"]["flash_attn"] == "not installed"
     assert report["backends"]["temporal_conv_gemm"] == "forward auto, backward auto (PDENGINE_CONV_GEMM)"
+    assert report["backends"]["feed_forward_gemm"] == "cublas (PDENGINE_FF_GEMM)"
     if not torch.cuda.is_available():
         assert report["backends"]["temporal_conv_table"] == "no CUDA device (the CPU runs the built-in tiles)"
     json.dumps(report)  # plain data, e.g. for `pdengine info --json`
@@ -49,6 +50,14 @@ def test_info_says_why_the_conv_gemm_setting_is_unusable():
                           "print(c()['backends']['temporal_conv_gemm'])"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("unavailable: ValueError: conv GEMM must be one of")
+
+
+def test_info_says_why_the_ff_gemm_setting_is_unusable():
+    env = {**os.environ, "PDENGINE_FF_GEMM": "cudnn"}
+    run = subprocess.run([sys.executable, "-c", "from pdengine.engine.info import collect_info as c; "
+                          "print(c()['backends']['feed_forward_gemm'])"], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("unavailable: ValueError: PDENGINE_FF_GEMM must be one of")
 
 
 def test_nvml_reason_is_reported_without_a_driver(report):
