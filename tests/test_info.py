@@ -44,20 +44,16 @@ def test_collect_info_on_this_machine(report):
     json.dumps(report)  # plain data, e.g. for `pdengine info --json`
 
 
-def test_info_says_why_the_conv_gemm_setting_is_unusable():
-    env = {**os.environ, "PDENGINE_CONV_GEMM": "cudnn"}
+@pytest.mark.parametrize("variable, key, message", [
+    ("PDENGINE_CONV_GEMM", "temporal_conv_gemm", "conv GEMM must be one of"),
+    ("PDENGINE_FF_GEMM", "feed_forward_gemm", "PDENGINE_FF_GEMM must be one of"),
+])
+def test_info_says_why_a_gemm_setting_is_unusable(variable, key, message):
+    env = {**os.environ, variable: "cudnn"}
     run = subprocess.run([sys.executable, "-c", "from pdengine.engine.info import collect_info as c; "
-                          "print(c()['backends']['temporal_conv_gemm'])"], env=env, capture_output=True, text=True)
+                          f"print(c()['backends'][{key!r}])"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("unavailable: ValueError: conv GEMM must be one of")
-
-
-def test_info_says_why_the_ff_gemm_setting_is_unusable():
-    env = {**os.environ, "PDENGINE_FF_GEMM": "cudnn"}
-    run = subprocess.run([sys.executable, "-c", "from pdengine.engine.info import collect_info as c; "
-                          "print(c()['backends']['feed_forward_gemm'])"], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("unavailable: ValueError: PDENGINE_FF_GEMM must be one of")
+    assert run.stdout.startswith(f"unavailable: ValueError: {message}")
 
 
 def test_nvml_reason_is_reported_without_a_driver(report):
