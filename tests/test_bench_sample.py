@@ -66,6 +66,28 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
     assert out.with_suffix(".csv").is_file()
 
 
+def test_breakdown_rows_run_on_tiny_models_and_leave_the_models_as_they_were():
+    """The GPU breakdown's code path on the CPU (wall-time layer marks, tiny UNets): every UNet row is ok, the
+    decode row says it needs CUDA, and the channels_last row works on a copy (diffusers' model keeps its
+    contiguous weights, which compiled code and captured graphs point at)."""
+    from pdengine.bench.sample import _breakdown_rows
+    from pdengine.model import UNet3D
+
+    cfg = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+               up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8, attention_head_dim=8,
+               cross_attention_dim=16, in_channels=8, out_channels=4)
+    ours, ref = UNet3D(cfg).eval(), UNet3DConditionModel(**cfg).eval()
+    before = {n: (p.data_ptr(), p.stride()) for n, p in ref.named_parameters()}
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
+    rows = _breakdown_rows(1, ours, ref, x, torch.randn_like(x), text, torch.randn_like(text))
+    by = {r["provider"]: r for r in rows}
+    for name in ("pdengine_eager", "pdengine_eager_cublas_conv", "pdengine_eager_fused_ff", "diffusers_eager",
+                 "diffusers_eager_channels_last"):
+        assert by[name]["status"] == "ok" and by[name]["unet_call_ms"] > 0, by[name]["status"]
+    assert "CUDA" in by["vae_decode"]["status"]
+    assert {n: (p.data_ptr(), p.stride()) for n, p in ref.named_parameters()} == before
+
+
 def test_layer_flops_split_a_unet_call_like_diffusers():
     """Per layer kind, our UNet's FLOPs equal diffusers' model with the same config (the same math), and the
     kinds and `other` add up to the whole call's count."""
