@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -378,10 +379,10 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
         try:
             if model is None:
                 model = copy.deepcopy(ref)
-                for m in model.modules():  # the 2D convs (the temporal layers' Conv3d have 5-D weights)
-                    if isinstance(m, torch.nn.Conv2d):
-                        torch.nn.Module.to(m, memory_format=torch.channels_last)
-                call = (lambda m: lambda: m(inp, t, encoder_hidden_states=ctx))(model)
+                for module in model.modules():  # the 2D convs (the temporal layers' Conv3d have 5-D weights)
+                    if isinstance(module, torch.nn.Conv2d):
+                        torch.nn.Module.to(module, memory_format=torch.channels_last)
+                call = functools.partial(model, inp, t, encoder_hidden_states=ctx)
             ff = "fused" if name.endswith("fused_ff") else "cublas"
             with torch.no_grad(), conv_gemm(gemm, "forward"), ff_gemm(ff):
                 ms = layer_times(model, call)

@@ -126,7 +126,7 @@ def _ff_geglu_kernel(
     a_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + offs_k[None, :]
     # B = W^T tiles (BLOCK_K, BLOCK_N), K contiguous: the h columns and, INNER rows further, the gate's.
     bh_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]
-    gate_offset = INNER.to(tl.int64) * K
+    gate_offset = INNER * K  # the weight is small: (2 * INNER) * K elements fit int32
     acc_h = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -208,10 +208,9 @@ class _FFConfig(NamedTuple):
 def _ff_config(dtype: torch.dtype) -> _FFConfig:
     """16-bit operands: 128 x 64 output tiles with two fp32 accumulators (h and gate), K steps of 64, three
     stages (tensor cores; 112-142 registers, no spills on sm80/sm90). fp32 operands (exact products on FMA
-    units, the accuracy path): 64 x 64 tiles, K steps of 32, two stages, so the accumulators fit without
-    spilling."""
+    units, the accuracy path): 64 x 64 tiles, K steps of 16, two stages: 128 registers, no spills."""
     if dtype == torch.float32:
-        return _FFConfig(64, 64, 32, 8, 8, 2)
+        return _FFConfig(64, 64, 16, 8, 8, 2)
     return _FFConfig(128, 64, 64, 8, 8, 3)
 
 
@@ -304,6 +303,8 @@ def ff_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
                          f"{x.dtype} strides {x.stride()}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] % 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous (2*I, K={x.shape[-1]}) projection, got {tuple(weight.shape)}")
+    if weight.numel() >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} has 2**31 elements or more: the kernel indexes it with int32")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if any(t.dtype != x.dtype or t.device != x.device for t in (weight, *([bias] if bias is not None else []))):
