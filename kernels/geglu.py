@@ -207,7 +207,7 @@ class _FFConfig(NamedTuple):
 
 def _ff_config(dtype: torch.dtype) -> _FFConfig:
     """16-bit operands: 128 x 64 output tiles with two fp32 accumulators (h and gate), K steps of 64, three
-    stages (tensor cores; 112-142 registers, no spills on sm80/sm90). fp32 operands (exact products on FMA
+    stages (tensor cores; 110-128 registers, no spills on sm80/sm90). fp32 operands (exact products on FMA
     units, the accuracy path): 64 x 64 tiles, K steps of 16, two stages: 128 registers, no spills."""
     if dtype == torch.float32:
         return _FFConfig(64, 64, 16, 8, 8, 2)
