@@ -318,9 +318,18 @@ def _attn_compile(s: dict[str, Any]) -> Workload:
 
 def _tt_triton(s: dict[str, Any]) -> Workload:
     layer, x, frames = s["ours"], s["x"], s["frames"]
-    # The layer's kernel path directly: its backend switch refuses non-CUDA tensors, and this provider
-    # is only ever timed on CUDA.
-    return Workload(lambda: layer._forward_kernels(x, frames), s["grad_inputs_ours"])
+
+    def run() -> torch.Tensor:
+        # The layer as the engine runs it on a GPU: backend "triton" for the call (its attention, layout and
+        # feed-forward kernels), "torch" again after it, for the torch_ref provider sharing the layer. Only
+        # ever timed on CUDA (the switch refuses CPU tensors outside the interpreter).
+        layer.backend = "triton"
+        try:
+            return layer(x, frames)
+        finally:
+            layer.backend = "torch"
+
+    return Workload(run, s["grad_inputs_ours"])
 
 
 def _tt_torch(s: dict[str, Any]) -> Workload:

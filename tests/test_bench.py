@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pdengine.bench import kernels as K
 from pdengine.bench.common import count_bytes, tensor_bytes
 from pdengine.bench.plot import write_plot
+from tests.kernel_utils import assert_close
 
 FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu")
 ROW_KEYS = {"kernel", "provider", "device", "shape", "dtype", "direction", "status", "gpu", "torch", "triton",
@@ -367,3 +368,25 @@ def test_plot_is_well_formed_and_labelled(tmp_path):
     assert "3.25x" in texts
     assert any("bad <shape> & more" in t for t in texts)
     assert not any("torch_ref" in t and "B2xF16" in t for t in texts)  # the baseline itself is not a bar
+
+
+def test_temporal_transformer_triton_provider_runs_the_engines_kernel_path():
+    """The layer-scope `triton` provider runs the layer with backend "triton" (attention, layout and GEGLU
+    kernels: interpreter here), equals the torch_ref provider on the same layer, and leaves the shared layer
+    on "torch" for that provider."""
+    import pdengine.kernels.geglu as geglu_module
+
+    cases = K.build_cases(["temporal_attention"], quick=True, frames=2, levels=[(2, 64)])
+    (case,) = [c for c in cases if c.scope == "temporal transformer"]
+    state = case.make_inputs("cpu", torch.float32)
+    calls = []
+    real = geglu_module.geglu
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(geglu_module, "geglu", lambda p: calls.append(p.shape) or real(p))
+        with torch.no_grad():
+            got = case.providers["triton"](state).fwd()
+            assert calls, "the triton provider did not run the GEGLU kernel"
+            n = len(calls)
+            want = case.providers["torch_ref"](state).fwd()
+            assert len(calls) == n and state["ours"].backend == "torch"
+    assert_close(got, want, name="temporal transformer, triton vs torch provider", scale=3.0)
