@@ -18,8 +18,9 @@
 #      T_KERNELS=70   (limits 140 + 180 + 240 s)
 # with run's timeout_s about 590 each; whatever a stage measured before its limit is kept (ROW lines). The
 # sample stage runs batch 8 first (the issue's target batch), then 1, with the graph samplers (the tuned
-# choice, and cuBLAS forced for the temporal conv), diffusers eager and the breakdown (SAMPLE_PROVIDERS;
-# eager-vs-graph was measured before).
+# conv choice with the transformers' GEMMs on cuBLAS, and with them fused: `pdengine_graph_fused_gemm`),
+# diffusers eager and the breakdown (SAMPLE_PROVIDERS; eager-vs-graph was measured before; the tune stage
+# already chose between cuBLAS and the fused conv per level, so `pdengine_graph_cublas_conv` is not default).
 # Budget knobs: T_TESTS, T_KERNELS (per family), T_TUNE, T_SAMPLE, T_TRAIN, T_COMPILE (seconds); STAGES (a
 # subset of "tests tune sample kernels train compile"; default all but compile), FAMILIES, SAMPLE_BATCHES,
 # SAMPLE_PROVIDERS, TRAIN_BATCHES, TUNE_QUICK (1: three or four candidates per GEMM kind, the default; 0:
@@ -55,7 +56,8 @@ torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
 on tests && timeout "${T_TESTS:-150}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
-  tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_kernel_geglu.py tests/test_schedulers.py \
+  tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_kernel_geglu.py \
+  tests/test_kernel_fused_linear.py tests/test_schedulers.py \
   tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
@@ -70,10 +72,10 @@ timeout "${T_TUNE:-150}" "${PD[@]}" tune $([ "${TUNE_QUICK:-1}" = 1 ] && echo --
 
 on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-8 1}) &&
 timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
-  --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_cublas_conv,diffusers_eager,breakdown}" \
+  --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_fused_gemm,diffusers_eager,breakdown}" \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
-for fam in ${FAMILIES:-temporal_conv temporal_attention geglu latent_update concat_cond}; do
+for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear latent_update concat_cond}; do
   on kernels || continue
   stage "bench kernels $fam"
   timeout "${T_KERNELS:-90}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \

@@ -53,7 +53,7 @@ from .common import (
 )
 from .plot import write_plot
 
-FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu")
+FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu", "fused_linear")
 DIRECTIONS_WITH_BACKWARD = ("fwd", "bwd", "fwd+bwd")
 FRAMES = 16
 LEVELS = ((32, 320), (16, 640), (8, 1280), (4, 1280))  # (H = W, channels) of the UNet levels, 32x32 latent
@@ -548,6 +548,91 @@ def _geglu_compile(s: dict[str, Any]) -> Workload:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# fused_linear
+
+
+def _fused_linear_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) -> list[Case]:
+    """The transformer block's fused linears at each level, inference (forward only), on 2 * videos * frames *
+    H * W token rows of width C: a LayerNorm folded into the q/k/v projection (N = 3C) against the eager
+    LayerNorm + projection, and the output projection (N = C) with the residual add in its epilogue against
+    the projection + add. FLOPs from the projection."""
+    cases = []
+    for hw, c in levels:
+        rows = 2 * videos * frames * hw * hw
+
+        def make(device: str, dtype: torch.dtype, rows=rows, c=c) -> dict[str, Any]:
+            from pdengine.kernels.fused_linear import fold_layer_norm
+
+            torch.manual_seed(0)
+            s = {"x": torch.randn(rows, c, device=device, dtype=dtype),
+                 "ln_w": 1.0 + 0.1 * torch.randn(c, device=device, dtype=dtype),
+                 "ln_b": 0.1 * torch.randn(c, device=device, dtype=dtype),
+                 "w_qkv": torch.randn(3 * c, c, device=device, dtype=dtype) * c ** -0.5,
+                 "o": torch.randn(rows, c, device=device, dtype=dtype),
+                 "w_out": torch.randn(c, c, device=device, dtype=dtype) * c ** -0.5,
+                 "b_out": 0.1 * torch.randn(c, device=device, dtype=dtype),
+                 "res": torch.randn(rows, c, device=device, dtype=dtype)}
+            s["folded"] = fold_layer_norm(s["ln_w"], s["ln_b"], 1e-5, s["w_qkv"])  # once per weight version
+            return s
+
+        def modeled_norm(dtype: torch.dtype, rows=rows, c=c) -> int:
+            from pdengine.kernels.fused_linear import modeled_bytes
+
+            return modeled_bytes(rows, c, 3 * c, dtype, norm=True) + 3 * c * c * _item(dtype) + 2 * 3 * c * 4
+
+        def modeled_res(dtype: torch.dtype, rows=rows, c=c) -> int:
+            from pdengine.kernels.fused_linear import modeled_bytes
+
+            return modeled_bytes(rows, c, c, dtype, residual=True) + (c * c + c) * _item(dtype)
+
+        cases.append(Case("fused_linear", f"N{rows} K{c} -> {3 * c} ({hw}x{hw})", "norm + q/k/v", ("fwd",), make,
+                          {"triton": _fl_norm_triton, "torch_ref": _fl_norm_ref, "torch_compile": _fl_norm_compile},
+                          modeled_norm))
+        cases.append(Case("fused_linear", f"N{rows} K{c} -> {c} ({hw}x{hw})", "out + residual", ("fwd",), make,
+                          {"triton": _fl_res_triton, "torch_ref": _fl_res_ref, "torch_compile": _fl_res_compile},
+                          modeled_res))
+    return cases
+
+
+def _item(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _fl_norm_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.fused_linear import layer_norm_linear
+
+    return Workload(lambda: layer_norm_linear(s["x"], s["folded"]))
+
+
+def _fl_norm_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.fused_linear_ref import layer_norm_linear_ref
+
+    fn = torch.compile(layer_norm_linear_ref, dynamic=False) if compile else layer_norm_linear_ref
+    return Workload(lambda: fn(s["x"], s["ln_w"], s["ln_b"], 1e-5, s["w_qkv"]))
+
+
+def _fl_norm_compile(s: dict[str, Any]) -> Workload:
+    return _fl_norm_ref(s, compile=True)
+
+
+def _fl_res_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.fused_linear import fused_linear
+
+    return Workload(lambda: fused_linear(s["o"], s["w_out"], s["b_out"], residual=s["res"]))
+
+
+def _fl_res_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.fused_linear_ref import linear_residual_ref
+
+    fn = torch.compile(linear_residual_ref, dynamic=False) if compile else linear_residual_ref
+    return Workload(lambda: fn(s["o"], s["w_out"], s["b_out"], s["res"]))
+
+
+def _fl_res_compile(s: dict[str, Any]) -> Workload:
+    return _fl_res_ref(s, compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Cases
 
 
@@ -567,6 +652,8 @@ def build_cases(families: Iterable[str], quick: bool, videos: int = VIDEOS, fram
             cases += _latent_update_cases(videos, frames)
         elif fam == "geglu":
             cases += _geglu_cases(lv, videos, frames)
+        elif fam == "fused_linear":
+            cases += _fused_linear_cases(lv, videos, frames)
         else:
             raise ValueError(f"unknown kernel family {fam!r} (known: {', '.join(FAMILIES)})")
     return cases

@@ -149,11 +149,11 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
         kinds["other"] = counter.total_bytes - sum(kinds.values())
         return {"bytes": counter.total_bytes, "ops": counter.ops, "kinds": kinds}
 
-    from pdengine.kernels.geglu import ff_gemm
+    from pdengine.kernels.fused_linear import transformer_gemm
 
     out: dict[str, dict[str, Any]] = {}
     for key, backend, ff in (("ours", "torch", "cublas"), ("ours_triton", "triton", "cublas"),
-                             ("ours_triton_fused_ff", "triton", "fused")):
+                             ("ours_triton_fused_gemm", "triton", "fused")):
         with torch.device("meta"):
             unet = UNet3D(cfg, backend=backend).to(dt).eval()
         sched = default_scheduler("ddim")
@@ -164,7 +164,12 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
         # meta tensors): about 1 MB per video, under 0.01% of the step's bytes.
         sampler = StaticSampler(unet, sched, bucket, torch.device("meta"), use_graph=False, fused_update=False)
         if backend == "triton":
-            with as_operators(), ff_gemm(ff):
+            with as_operators(), transformer_gemm(ff):
+                if ff == "fused":
+                    # The folded LayerNorm weights are made once per weight version (the sampler's warm-up
+                    # call before capture), not per step: outside the count.
+                    with torch.no_grad():
+                        sampler._step()
                 out[key] = counted(unet, sampler._step, operator_byte_models())
         else:
             out[key] = counted(unet, sampler._step)
@@ -195,10 +200,11 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
         flops_step = by_kind["total"]
         counts = _meta_step_counts(b)
         # Ours three times: the torch backend (the reference path), the Triton backend (what a GPU runs: each
-        # fused kernel one operator, counted by its modeled bytes) and the same with the feed-forwards'
-        # projection + gate fused (`PDENGINE_FF_GEMM=fused`), beside the diffusers UNet.
+        # fused kernel one operator, counted by its modeled bytes) and the same with the transformers' GEMMs
+        # fused with their LayerNorms, residual adds and GEGLU (`PDENGINE_TRANSFORMER_GEMM=fused`), beside the
+        # diffusers UNet.
         for provider, key in (("pdengine_torch_backend", "ours"), ("pdengine_triton_backend", "ours_triton"),
-                              ("pdengine_triton_backend_fused_ff", "ours_triton_fused_ff"), ("diffusers", "diffusers")):
+                              ("pdengine_triton_backend_fused_gemm", "ours_triton_fused_gemm"), ("diffusers", "diffusers")):
             rows.append({
                 "bench": "sample", "provider": provider, "device": "cpu", "batch": b, "steps": steps,
                 "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
@@ -223,8 +229,8 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-GPU_PROVIDERS = ("pdengine_graph", "pdengine_graph_cublas_conv", "pdengine_eager", "diffusers_eager",
-                 "pdengine_graph_compile", "diffusers_compile", "breakdown")
+GPU_PROVIDERS = ("pdengine_graph", "pdengine_graph_fused_gemm", "pdengine_graph_cublas_conv", "pdengine_eager",
+                 "diffusers_eager", "pdengine_graph_compile", "diffusers_compile", "breakdown")
 
 
 def _gpu_rows(batches: list[int], steps: int, compile_mode: str,
@@ -256,6 +262,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
 
     from pdengine.engine.graph_sampler import Bucket, StaticSampler
     from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
+    from pdengine.kernels.fused_linear import transformer_gemm
     from pdengine.kernels.temporal_conv import conv_gemm
 
     from .common import nvml_index, nvml_snapshot
@@ -278,14 +285,16 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
         return StaticSampler(ours, sched, bucket, dev, use_graph=use_graph,
                              compile_backend="inductor" if compile_mode else None, compile_mode=compile_mode)
 
-    samplers = {"graph": static_sampler(True), "eager": static_sampler(False), "graph_cublas": static_sampler(True)}
+    samplers = {"graph": static_sampler(True), "eager": static_sampler(False), "graph_cublas": static_sampler(True),
+                "graph_fused_gemm": static_sampler(True)}
     if compiled is not None:
         samplers["graph_compile"] = static_sampler(True, compile_mode)
 
-    def ours_run(which: str, gemm: str = "auto"):
+    def ours_run(which: str, gemm: str = "auto", transformer: str = "cublas"):
         # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured): "auto"
-        # follows the GPU's launch table (`pdengine tune`), as `pdengine generate` does.
-        with torch.no_grad(), conv_gemm(gemm, "forward"):
+        # follows the GPU's launch table (`pdengine tune`), as `pdengine generate` does. Likewise the
+        # transformers' GEMMs (`PDENGINE_TRANSFORMER_GEMM`).
+        with torch.no_grad(), conv_gemm(gemm, "forward"), transformer_gemm(transformer):
             return samplers[which].run(x_t, text, uncond, ours.condition_features(c_first),
                                        ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)
 
@@ -303,6 +312,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
 
     providers = {
         "pdengine_graph": lambda: ours_run("graph"),
+        "pdengine_graph_fused_gemm": lambda: ours_run("graph_fused_gemm", transformer="fused"),
         "pdengine_graph_cublas_conv": lambda: ours_run("graph_cublas", "cublas"),
         "pdengine_eager": lambda: ours_run("eager"),
         "diffusers_eager": lambda: diffusers_run(ref),
@@ -350,7 +360,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
 def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]:  # pragma: no cover
     """Where one eager UNet call on the CFG batch spends its time, per layer kind, ours and diffusers'
     (`bench.common.layer_times`): the map of what to speed up next."""
-    from pdengine.kernels.geglu import ff_gemm
+    from pdengine.kernels.fused_linear import transformer_gemm
     from pdengine.kernels.temporal_conv import conv_gemm
 
     from .common import layer_times
@@ -362,9 +372,10 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
     models = {
         "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "auto"),
         "pdengine_eager_cublas_conv": (ours, lambda: ours(inp, t, ctx), "cublas"),
-        # The feed-forwards' projection + gate as one Triton GEMM (`PDENGINE_FF_GEMM=fused`): the transformer
-        # kinds' times against pdengine_eager's say whether it should become the default.
-        "pdengine_eager_fused_ff": (ours, lambda: ours(inp, t, ctx), "auto"),
+        # The transformers' GEMMs fused with their LayerNorms, residual adds and the GEGLU (Triton GEMMs,
+        # `PDENGINE_TRANSFORMER_GEMM=fused`): the transformer kinds' times against pdengine_eager's say whether
+        # it should become the default.
+        "pdengine_eager_fused_gemm": (ours, lambda: ours(inp, t, ctx), "auto"),
         "diffusers_eager": (ref, lambda: ref(inp, t, encoder_hidden_states=ctx), "auto"),
         # The same diffusers model with its weights in channels_last (a copy, made for this row only: the
         # models above keep their weights where captured graphs and compiled code expect them): cuDNN's
@@ -383,8 +394,8 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
                     if isinstance(module, torch.nn.Conv2d):
                         torch.nn.Module.to(module, memory_format=torch.channels_last)
                 call = functools.partial(model, inp, t, encoder_hidden_states=ctx)
-            ff = "fused" if name.endswith("fused_ff") else "cublas"
-            with torch.no_grad(), conv_gemm(gemm, "forward"), ff_gemm(ff):
+            ff = "fused" if name.endswith("fused_gemm") else "cublas"
+            with torch.no_grad(), conv_gemm(gemm, "forward"), transformer_gemm(ff):
                 ms = layer_times(model, call)
             row.update({"status": "ok", "unet_call_ms": ms["total"],
                         **{f"ms_{kind}": v for kind, v in ms.items() if kind != "total"},

@@ -142,7 +142,8 @@ def bench() -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="CSV path [default: beside --json].")
 @click.option("--family", "families", multiple=True,
-              type=click.Choice(["temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu"]),
+              type=click.Choice(["temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu",
+                                 "fused_linear"]),
               help="Only these kernel families (repeatable).  [default: all]")
 @click.option("--quick", is_flag=True, help="Fewer shapes.")
 @click.option("--profile", is_flag=True,
@@ -228,8 +229,9 @@ def tune(quick, out_path, json_path):
               type=click.Choice(["max-autotune", "default", "none"]),
               help="torch.compile mode of the compiled providers (none: leave those rows out).")
 @click.option("--providers", help="Comma-separated subset of the GPU providers to run (pdengine_graph, "
-                                  "pdengine_graph_cublas_conv, pdengine_eager, diffusers_eager, pdengine_graph_compile, "
-                                  "diffusers_compile, breakdown).  [default: all]")
+                                  "pdengine_graph_fused_gemm, pdengine_graph_cublas_conv, pdengine_eager, "
+                                  "diffusers_eager, pdengine_graph_compile, diffusers_compile, breakdown).  "
+                                  "[default: all]")
 def bench_sample(device, json_path, csv_path, batches, steps, compile_mode, providers):
     """End-to-end sampling of the pixeldance preset (16x256x256, CFG 7.5) vs diffusers."""
     from pathlib import Path

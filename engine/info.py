@@ -87,7 +87,7 @@ def _backends(cuda_available: bool) -> dict[str, Any]:
         "flash_attn": flash,
         "temporal_conv_gemm": _conv_gemm(),
         "temporal_conv_table": _conv_table(),
-        "feed_forward_gemm": _ff_gemm(),
+        "transformer_gemm": _transformer_gemm(),
     }
 
 
@@ -101,13 +101,13 @@ def _conv_gemm() -> str:
     return f"forward {choice['forward']}, backward {choice['backward']} (PDENGINE_CONV_GEMM)"
 
 
-def _ff_gemm() -> str:
-    """How inference runs the feed-forwards' projection + gate (PDENGINE_FF_GEMM), or why that fails."""
+def _transformer_gemm() -> str:
+    """How inference runs the transformers' GEMMs (PDENGINE_TRANSFORMER_GEMM), or why that fails."""
     try:
-        from pdengine.kernels import geglu
-    except Exception as e:  # a bad PDENGINE_FF_GEMM or a broken triton: said, not hidden
+        from pdengine.kernels import fused_linear
+    except Exception as e:  # a bad PDENGINE_TRANSFORMER_GEMM or a broken triton: said, not hidden
         return f"unavailable: {type(e).__name__}: {e}"
-    return f"{geglu.ff_gemm_mode()} (PDENGINE_FF_GEMM)"
+    return f"{fused_linear.transformer_gemm_mode()} (PDENGINE_TRANSFORMER_GEMM)"
 
 
 def _conv_table() -> str:
@@ -215,7 +215,7 @@ def format_info(info: dict[str, Any]) -> str:
             "attention backends",
             [("sdpa", "yes" if b["sdpa"] else "no"), ("triton", tri_text), ("flash_attn", b["flash_attn"]),
              ("temporal conv GEMM", b["temporal_conv_gemm"]), ("temporal conv table", b["temporal_conv_table"]),
-             ("feed-forward GEMM", b["feed_forward_gemm"])],
+             ("transformer GEMMs", b["transformer_gemm"])],
         )
     )
     presets = info["presets"]

@@ -1,5 +1,6 @@
 """Triton kernels for the PixelDance hot spots (temporal conv, temporal attention, concat
-conditioning, noisy-latent update, the transformers' GEGLU), each beside its pure-PyTorch reference."""
+conditioning, noisy-latent update, the transformers' GEGLU and fused linears), each beside its pure-PyTorch
+reference."""
 
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ For inference there is also `ff_geglu`, the projection and the gate in one kerne
 multiplies x by the h and the gate rows of the weight (two fp32 accumulators, tensor cores for 16-bit
 operands) and gates in the epilogue, so p never reaches memory (a forward pass then reads x and writes y
 only, and no p-sized buffer is held). Whether it beats cuBLAS's projection + the gate kernel depends on how
-close a Triton GEMM gets to cuBLAS at these shapes (K = 320..1280): opt-in (`PDENGINE_FF_GEMM=fused`,
-`ff_gemm("fused")`) until `pdengine bench kernels --family geglu` has timed both on a GPU.
+close a Triton GEMM gets to cuBLAS at these shapes (K = 320..1280): opt-in with the transformers' other fused
+GEMMs (`PDENGINE_TRANSFORMER_GEMM=fused`, `fused_linear.transformer_gemm("fused")`, which also folds the
+LayerNorm before it into its weight) until `pdengine bench kernels --family geglu` has timed both on a GPU.
 
 Under torch.compile and inside `pdengine.kernels.as_operators()` the entry points are opaque operators, the
 gate's with its backward registered (fake implementations give shapes on meta tensors).
@@ -26,9 +27,6 @@ gate's with its backward registered (fake implementations give shapes on meta te
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -37,10 +35,11 @@ import triton.language as tl
 
 from . import operator_path
 from .compile_check import CompileSpec
+from .fused_linear import _fold_norm, _tile_offsets
 from .geglu_ref import check_geglu_input
 from .temporal_conv import _cast, _dot
 
-__all__ = ["geglu", "ff_geglu", "ff_gemm", "ff_gemm_mode", "modeled_bytes", "compile_specs"]
+__all__ = ["geglu", "ff_geglu", "modeled_bytes", "compile_specs"]
 
 
 @triton.jit
@@ -97,9 +96,12 @@ def _geglu_bwd_kernel(
 def _ff_geglu_kernel(
     x_ptr,  # (M, K) input rows, row stride stride_x, unit column stride
     w_ptr,  # (2*INNER, K) the projection's weight [W_h; W_gate], contiguous
-    b_ptr,  # (2*INNER,) its bias (HAS_BIAS)
+    b_ptr,  # (2*INNER,) its bias (HAS_BIAS), any float dtype
+    mean_ptr, rstd_ptr,  # (M,) fp32 row statistics of x (NORM: a LayerNorm folded into the weight)
+    cs_ptr,  # (2*INNER,) fp32 column sums of the folded weight (NORM)
     y_ptr,  # (M, INNER) output, contiguous
     M, K, INNER, stride_x,
+    NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
     PRECISION: tl.constexpr,
@@ -109,17 +111,7 @@ def _ff_geglu_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Programs walk GROUP_M row tiles per column tile, so a column tile's weight rows stay in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(INNER, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _tile_offsets(M, INNER, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < INNER
@@ -143,6 +135,9 @@ def _ff_geglu_kernel(
         acc_g = _dot(a, bg, acc_g, PRECISION, INTERPRETED)
         a_ptrs += BLOCK_K
         bh_ptrs += BLOCK_K
+    if NORM:  # a LayerNorm folded into the weight (fused_linear.py): both halves' column sums
+        acc_h = _fold_norm(acc_h, mean_ptr, rstd_ptr, cs_ptr, offs_m, offs_n, m_ok, n_ok)
+        acc_g = _fold_norm(acc_g, mean_ptr, rstd_ptr, cs_ptr + INNER, offs_m, offs_n, m_ok, n_ok)
     if HAS_BIAS:
         acc_h += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_g += tl.load(b_ptr + INNER + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -214,7 +209,9 @@ def _ff_config(dtype: torch.dtype) -> _FFConfig:
     return _FFConfig(128, 64, 64, 8, 8, 3)
 
 
-def _ff_geglu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _ff_geglu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      mean: torch.Tensor | None = None, rstd: torch.Tensor | None = None,
+                      colsum: torch.Tensor | None = None) -> torch.Tensor:
     k = x.shape[-1]
     inner = weight.shape[0] // 2
     x2 = _rows(x, k, "x")
@@ -222,9 +219,11 @@ def _ff_geglu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if y.numel():
         cfg = _ff_config(x.dtype)
         grid = (triton.cdiv(x2.shape[0], cfg.block_m) * triton.cdiv(inner, cfg.block_n),)
+        norm = mean is not None
         _ff_geglu_kernel[grid](
-            x2, weight, bias if bias is not None else weight, y, x2.shape[0], k, inner, x2.stride(0),
-            HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
+            x2, weight, bias if bias is not None else weight, mean if norm else weight, rstd if norm else weight,
+            colsum if norm else weight, y, x2.shape[0], k, inner, x2.stride(0),
+            NORM=norm, HAS_BIAS=bias is not None, EVEN_K=k % cfg.block_k == 0,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETED=not x.is_cuda,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -244,41 +243,6 @@ class _GEGLU(torch.autograd.Function):
         return _backward(dy, p)
 
 
-# ----------------------------------------------------------------------------------------------- mode
-
-FF_GEMMS = ("cublas", "fused")
-
-
-def _mode_from_env() -> str:
-    value = os.environ.get("PDENGINE_FF_GEMM", "cublas")
-    if value not in FF_GEMMS:
-        raise ValueError(f"PDENGINE_FF_GEMM must be one of {FF_GEMMS}, got {value!r}")
-    return value
-
-
-_ff_gemm = _mode_from_env()
-
-
-def ff_gemm_mode() -> str:
-    """How the UNet's feed-forwards run their first half at inference: "cublas" (the default: the projection
-    on cuBLAS, then the `geglu` kernel) or "fused" (`ff_geglu`: one Triton kernel, the projection never
-    stored). `PDENGINE_FF_GEMM` sets it at import; `ff_gemm(name)` for a block of code. Training always
-    runs the cuBLAS projection (its backward needs the projection)."""
-    return _ff_gemm
-
-
-@contextlib.contextmanager
-def ff_gemm(name: str) -> Iterator[None]:
-    global _ff_gemm
-    if name not in FF_GEMMS:
-        raise ValueError(f"ff_gemm must be one of {FF_GEMMS}, got {name!r}")
-    previous, _ff_gemm = _ff_gemm, name
-    try:
-        yield
-    finally:
-        _ff_gemm = previous
-
-
 # ----------------------------------------------------------------------------------------------- public
 
 
@@ -292,12 +256,16 @@ def geglu(p: torch.Tensor) -> torch.Tensor:
     return _GEGLU.apply(p)
 
 
-def ff_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def ff_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+             stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+             colsum: torch.Tensor | None = None) -> torch.Tensor:
     """The feed-forward's first half in one kernel, for inference: GEGLU(x @ weight.T + bias) with
     [h | gate] = the projection, (..., K) -> (..., I) for a (2*I, K) weight. The projection never reaches
     memory: each output tile multiplies x by both halves' weight rows and gates in the epilogue (fp32
-    accumulation; fp32 operands multiply exactly). No autograd: with gradients required use
-    `geglu(F.linear(x, weight, bias))`, whose backward needs the projection."""
+    accumulation; fp32 operands multiply exactly). With `stats` = (mean, rstd) of x's rows and `colsum` of a
+    LayerNorm folded into the weight (`fused_linear.fold_layer_norm`) it computes GEGLU(linear(layer_norm(x)))
+    without the norm's output. No autograd: with gradients required use `geglu(F.linear(x, weight, bias))`,
+    whose backward needs the projection."""
     if x.dim() < 1 or not x.is_floating_point() or x.numel() and x.stride(-1) != 1:
         raise ValueError(f"x must be floating-point (..., K) rows with unit last-dim stride, got {tuple(x.shape)} "
                          f"{x.dtype} strides {x.stride()}")
@@ -307,14 +275,25 @@ def ff_geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
         raise ValueError(f"weight {tuple(weight.shape)} has 2**31 elements or more: the kernel indexes it with int32")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if any(t.dtype != x.dtype or t.device != x.device for t in (weight, *([bias] if bias is not None else []))):
+    # A folded LayerNorm's bias is fp32 (b + W @ beta, see fused_linear.fold_layer_norm); otherwise x's dtype.
+    if (weight.dtype != x.dtype or any(t.device != x.device for t in (weight, *([bias] if bias is not None else [])))
+            or bias is not None and bias.dtype != x.dtype and stats is None):
         raise ValueError("x, weight and bias must share dtype and device")
+    if (stats is None) != (colsum is None):
+        raise ValueError("stats and colsum go together (a folded LayerNorm), or neither")
+    mean = rstd = None
+    if stats is not None:
+        mean, rstd = stats
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        for name, t, size in (("mean", mean, rows), ("rstd", rstd, rows), ("colsum", colsum, weight.shape[0])):
+            if t.shape != (size,) or t.dtype != torch.float32 or not t.is_contiguous() or t.device != x.device:
+                raise ValueError(f"{name} must be a contiguous fp32 ({size},) vector, got {tuple(t.shape)} {t.dtype}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         raise ValueError("ff_geglu is for inference (no autograd): use geglu(F.linear(x, weight, bias)) "
                          "when gradients are needed")
     if operator_path():
-        return _ff_geglu_op(x, weight, bias)
-    return _ff_geglu_forward(x, weight, bias)
+        return _ff_geglu_op(x, weight, bias, mean, rstd, colsum)
+    return _ff_geglu_forward(x, weight, bias, mean, rstd, colsum)
 
 
 def modeled_bytes(rows: int, inner: int, dtype: torch.dtype = torch.bfloat16, *, backward: bool = False) -> int:
@@ -358,7 +337,7 @@ _ff_geglu_op = torch.library.custom_op("pdengine::ff_geglu", _ff_geglu_forward, 
 
 
 @_ff_geglu_op.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, mean=None, rstd=None, colsum=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
 
 
@@ -374,7 +353,8 @@ def _jit(fn):
 def compile_specs() -> list[CompileSpec]:
     """The gate's forward and backward in bf16 and fp32 (the tile does not depend on the preset's widths 1280 /
     2560 / 5120, all multiples of 256; the row count only sets the grid), and the fused projection + gate
-    (K = 320 / 640 / 1280, all multiples of its K step: EVEN_K) in bf16 (tensor cores) and fp32."""
+    (K = 320 / 640 / 1280, all multiples of its K step: EVEN_K) in bf16 (tensor cores; also with a folded
+    LayerNorm) and fp32."""
     block_r, block_i, num_warps = _block_config(1280)
     consts = {"BLOCK_R": block_r, "BLOCK_I": block_i}
     specs = []
@@ -392,14 +372,17 @@ def compile_specs() -> list[CompileSpec]:
             constexprs=consts, num_warps=num_warps, num_stages=1,
             divisible=("INNER", "stride_dy", "stride_p", "stride_dp"),
         ))
-    for dname, ptr, dtype in (("bf16", "*bf16", torch.bfloat16), ("fp32", "*fp32", torch.float32)):
+    for dname, ptr, dtype, norm in (("bf16", "*bf16", torch.bfloat16, False), ("bf16", "*bf16", torch.bfloat16, True),
+                                    ("fp32", "*fp32", torch.float32, False)):
         cfg = _ff_config(dtype)
         specs.append(CompileSpec(
-            name=f"ff_geglu_{dname}", fn=_jit(_ff_geglu_kernel),
-            signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "M": "i32", "K": "i32", "INNER": "i32",
-                       "stride_x": "i32", **{n: "constexpr" for n in ("HAS_BIAS", "EVEN_K", "PRECISION", "INTERPRETED",
-                                                                     "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}},
-            constexprs={"HAS_BIAS": True, "EVEN_K": True, "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            name=f"ff_geglu_{'norm_' if norm else ''}{dname}", fn=_jit(_ff_geglu_kernel),
+            signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm else ptr, "mean_ptr": "*fp32",
+                       "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "y_ptr": ptr, "M": "i32", "K": "i32", "INNER": "i32",
+                       "stride_x": "i32", **{n: "constexpr" for n in ("NORM", "HAS_BIAS", "EVEN_K", "PRECISION",
+                                                                     "INTERPRETED", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                                                     "GROUP_M")}},
+            constexprs={"NORM": norm, "HAS_BIAS": True, "EVEN_K": True, "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
                         "INTERPRETED": False, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
                         "GROUP_M": cfg.group_m},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=dtype != torch.float32,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,11 +183,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        n, lq, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.reshape(n, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q, k, v)
-        o = o.transpose(1, 2).reshape(n, lq, -1)
+        o = _sdpa(self, self.to_q(x), self.to_k(context), self.to_v(context))
         return self.to_out[1](self.to_out[0](o))
 
 
@@ -203,7 +200,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2). With the kernels on, the GEGLU's
     gate runs as one Triton pass over the projection (kernels/geglu.py), or at inference with
-    `PDENGINE_FF_GEMM=fused` fused with the projection in one Triton GEMM."""
+    `PDENGINE_TRANSFORMER_GEMM=fused` fused with the projection in one Triton GEMM."""
 
     def __init__(self, dim: int, mult: int = 4, backend: str = "torch"):
         super().__init__()
@@ -213,11 +210,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_kernels(self.backend, x):
-            from pdengine.kernels.geglu import ff_geglu, ff_gemm_mode, geglu
+            from pdengine.kernels.fused_linear import transformer_gemm_mode
+            from pdengine.kernels.geglu import ff_geglu, geglu
 
             proj = self.net[0].proj
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-            if ff_gemm_mode() == "fused" and not needs_grad:
+            if transformer_gemm_mode() == "fused" and not needs_grad:
                 x = ff_geglu(x, proj.weight, proj.bias)
             else:
                 x = geglu(proj(x))
@@ -254,8 +252,11 @@ class TransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, dim_head, cross_attention_dim)
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim, backend=backend)
+        self._self_attn2 = cross_attention_dim is None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self._fused_inference(x):
+            return self._forward_fused(x, context)
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -263,9 +264,88 @@ class TransformerBlock(nn.Module):
     def forward_frames(self, t: torch.Tensor, num_frames: int, pixels: int) -> torch.Tensor:
         """The temporal block on token rows (N, dim) in (b, f, p) order, attention by the Triton kernel:
         q/k/v come from one fused projection GEMM and the kernel reads them in place (no permutes)."""
+        if self._fused_inference(t):
+            return self._forward_fused(t, None, (num_frames, pixels))
         t = t + _kernel_self_attention(self.attn1, self.norm1(t), num_frames, pixels)
         t = t + _kernel_self_attention(self.attn2, self.norm2(t), num_frames, pixels)
         return t + self.ff(self.norm3(t))
+
+    # -- inference with the transformer GEMMs fused (`PDENGINE_TRANSFORMER_GEMM=fused`) ----------------------
+
+    def _fused_inference(self, x: torch.Tensor) -> bool:
+        """Kernels on, the fused mode, no gradients, eager (under torch.compile the compiler fuses the norms
+        and residual adds itself, and the folded weights' cache would break its graph)."""
+        if not use_kernels(self.ff.backend, x) or torch.compiler.is_compiling():
+            return False
+        from pdengine.kernels.fused_linear import transformer_gemm_mode
+
+        if transformer_gemm_mode() != "fused":
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+
+    def _folds(self) -> dict[str, Any]:
+        """Each LayerNorm folded into the projection after it (`fused_linear.fold_layer_norm`): computed once
+        per weight version, device and dtype, and held beside the weights (about the size of the q/k/v and
+        feed-forward projections again)."""
+        from pdengine.kernels.fused_linear import fold_layer_norm
+
+        params = list(self.parameters())
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        cached = getattr(self, "_fold_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        a1, a2, proj = self.attn1, self.attn2, self.ff.net[0].proj
+
+        def qkv(attn):
+            return torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+
+        folds = {
+            "attn1": fold_layer_norm(self.norm1.weight, self.norm1.bias, self.norm1.eps, qkv(a1)),
+            "attn2": fold_layer_norm(self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                                     qkv(a2) if self._self_attn2 else a2.to_q.weight),
+            "ff": fold_layer_norm(self.norm3.weight, self.norm3.bias, self.norm3.eps, proj.weight, proj.bias),
+        }
+        self._fold_cache = (key, folds)
+        return folds
+
+    def _forward_fused(self, x: torch.Tensor, context: torch.Tensor | None,
+                       frames: tuple[int, int] | None = None) -> torch.Tensor:
+        """The block with each LayerNorm folded into the projection after it and each residual add in the
+        output projection's epilogue (kernels/fused_linear.py), the feed-forward's projection and gate in one
+        kernel: the norms' outputs, the projections' outputs before the residual and the feed-forward's
+        projection never reach memory. `frames` = (num_frames, pixels): token rows for the temporal attention
+        kernel; otherwise (n, L, dim) sequences through SDPA."""
+        from pdengine.kernels.fused_linear import fused_linear, layer_norm_linear, row_stats
+        from pdengine.kernels.geglu import ff_geglu
+
+        folds = self._folds()
+        for attn, name in ((self.attn1, "attn1"), (self.attn2, "attn2")):
+            if name == "attn1" or self._self_attn2:
+                o = _attend_packed(attn, layer_norm_linear(x, folds[name]), frames)
+            else:
+                q = layer_norm_linear(x, folds[name])
+                o = _sdpa(attn, q, attn.to_k(context), attn.to_v(context))
+            x = fused_linear(o, attn.to_out[0].weight, attn.to_out[0].bias, residual=x)
+        ff = folds["ff"]
+        h = ff_geglu(x, ff.weight, ff.bias, stats=row_stats(x, ff.eps), colsum=ff.colsum)
+        return fused_linear(h, self.ff.net[2].weight, self.ff.net[2].bias, residual=x)
+
+
+def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Multi-head SDPA of (n, L, inner) projections (any row strides), back to (n, Lq, inner)."""
+    n, lq, _ = q.shape
+    q, k, v = (t.reshape(n, t.shape[1], attn.heads, -1).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, lq, -1)
+
+
+def _attend_packed(attn: Attention, qkv: torch.Tensor, frames: tuple[int, int] | None) -> torch.Tensor:
+    """Self-attention on one packed [q | k | v] projection: the temporal kernel reads token rows in place
+    (`frames` = (num_frames, pixels)); otherwise SDPA on its three column slices."""
+    if frames is not None:
+        from pdengine.kernels.temporal_attention import temporal_attention_qkv
+
+        return temporal_attention_qkv(qkv, frames[0], attn.heads, pixels=frames[1])
+    return _sdpa(attn, *qkv.chunk(3, dim=-1))
 
 
 def _kernel_self_attention(attn: Attention, h: torch.Tensor, num_frames: int, pixels: int) -> torch.Tensor:

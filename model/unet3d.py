@@ -244,10 +244,15 @@ class UNet3D(nn.Module):
             )
         if not self._announced and self._backend != "torch":
             self._announced = True
-            active = "Triton kernels" if use_kernels(self._backend, sample) else "PyTorch reference"
+            on = use_kernels(self._backend, sample)
+            active = "Triton kernels" if on else "PyTorch reference"
+            gemms = ""
+            if on:
+                from pdengine.kernels.fused_linear import transformer_gemm_mode
+
+                gemms = f"; transformer GEMMs at inference: {transformer_gemm_mode()} (PDENGINE_TRANSFORMER_GEMM)"
             logger.warning("pdengine UNet3D: backend=%s -> %s for the temporal layers and the transformers' "
-                           "norm layout and GEGLU (%s)", self._backend,
-                           active, sample.device)
+                           "norm layout and GEGLU (%s%s)", self._backend, active, sample.device, gemms)
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.reshape(-1).expand(b) if t.numel() == 1 else t.reshape(b)
 

@@ -43,3 +43,17 @@ def assert_low_precision_close(actual_lp: torch.Tensor, reference_lp: torch.Tens
     if err_kernel > limit:
         raise AssertionError(f"{name}: low-precision error {err_kernel:.3g} > {factor} x PyTorch's {err_torch:.3g} "
                              f"(+ floor) = {limit:.3g}")
+
+
+def assert_compiles_clean(specs, count: int) -> None:
+    """Each of `count` distinct compile specs compiles for every target arch with no spilled bytes (local
+    memory or stack), and the matrix-multiplying ones use tensor cores."""
+    from pdengine.kernels.compile_check import ARCHS, compile_spec
+
+    assert len({s.name for s in specs}) == len(specs) == count
+    for spec in specs:
+        for arch in ARCHS:
+            report = compile_spec(spec, arch)
+            assert report.local_bytes == 0 and report.stack_bytes == 0, f"{spec.name} sm{arch} spills"
+            if spec.expects_mma:
+                assert report.mma_instructions > 0, f"{spec.name} sm{arch} has no tensor-core instructions"

@@ -33,7 +33,7 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
     rows = json.loads(out.read_text())
     sample = [r for r in rows if r["bench"] == "sample"]
     assert {r["provider"] for r in sample} == {"pdengine_torch_backend", "pdengine_triton_backend",
-                                               "pdengine_triton_backend_fused_ff", "diffusers"}
+                                               "pdengine_triton_backend_fused_gemm", "diffusers"}
     kinds = ("temporal_conv", "temporal_attention", "spatial_resnet", "spatial_attention", "resample", "other")
     for r in sample:
         assert r["status"] == "ok" and r["launches_per_step_eager"] > 100 and r["gb_per_step"] > 0
@@ -48,8 +48,9 @@ def test_bench_sample_cpu_writes_rows(tmp_path):
         for k in ("temporal_conv", "temporal_attention", "spatial_attention"):
             assert triton_row[f"gb_{k}"] < by[other][f"gb_{k}"], (k, other)
     assert triton_row["gb_spatial_resnet"] == by["pdengine_torch_backend"]["gb_spatial_resnet"]
-    # The fused feed-forward never writes the projection: fewer bytes in both transformer kinds, and fewer ops.
-    fused = by["pdengine_triton_backend_fused_ff"]
+    # The fused transformer GEMMs never write the LayerNorms' outputs, the projections before the residual adds
+    # or the feed-forward's projection: fewer bytes in both transformer kinds, and fewer ops.
+    fused = by["pdengine_triton_backend_fused_gemm"]
     for k in ("temporal_attention", "spatial_attention"):
         assert fused[f"gb_{k}"] < triton_row[f"gb_{k}"], k
     assert fused["launches_per_step_eager"] < triton_row["launches_per_step_eager"]
@@ -81,7 +82,7 @@ def test_breakdown_rows_run_on_tiny_models_and_leave_the_models_as_they_were():
     x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 5, 16)
     rows = _breakdown_rows(1, ours, ref, x, torch.randn_like(x), text, torch.randn_like(text))
     by = {r["provider"]: r for r in rows}
-    for name in ("pdengine_eager", "pdengine_eager_cublas_conv", "pdengine_eager_fused_ff", "diffusers_eager",
+    for name in ("pdengine_eager", "pdengine_eager_cublas_conv", "pdengine_eager_fused_gemm", "diffusers_eager",
                  "diffusers_eager_channels_last"):
         assert by[name]["status"] == "ok" and by[name]["unet_call_ms"] > 0, by[name]["status"]
     assert "CUDA" in by["vae_decode"]["status"]

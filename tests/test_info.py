@@ -38,7 +38,7 @@ def test_collect_info_on_this_machine(report):
     if importlib.util.find_spec("flash_attn") is None:
         assert report["backends"]["flash_attn"] == "not installed"
     assert report["backends"]["temporal_conv_gemm"] == "forward auto, backward auto (PDENGINE_CONV_GEMM)"
-    assert report["backends"]["feed_forward_gemm"] == "cublas (PDENGINE_FF_GEMM)"
+    assert report["backends"]["transformer_gemm"] == "cublas (PDENGINE_TRANSFORMER_GEMM)"
     if not torch.cuda.is_available():
         assert report["backends"]["temporal_conv_table"] == "no CUDA device (the CPU runs the built-in tiles)"
     json.dumps(report)  # plain data, e.g. for `pdengine info --json`
@@ -46,7 +46,7 @@ def test_collect_info_on_this_machine(report):
 
 @pytest.mark.parametrize("variable, key, message", [
     ("PDENGINE_CONV_GEMM", "temporal_conv_gemm", "conv GEMM must be one of"),
-    ("PDENGINE_FF_GEMM", "feed_forward_gemm", "PDENGINE_FF_GEMM must be one of"),
+    ("PDENGINE_TRANSFORMER_GEMM", "transformer_gemm", "PDENGINE_TRANSFORMER_GEMM must be one of"),
 ])
 def test_info_says_why_a_gemm_setting_is_unusable(variable, key, message):
     env = {**os.environ, variable: "cudnn"}

@@ -10,9 +10,9 @@ import torch
 
 from pdengine.bench.common import count_bytes
 from pdengine.kernels import as_operators, geglu_ref
-from pdengine.kernels.compile_check import ARCHS, compile_spec
-from pdengine.kernels.geglu import compile_specs, ff_geglu, ff_gemm, geglu, modeled_bytes
-from tests.kernel_utils import assert_close, assert_low_precision_close
+from pdengine.kernels.fused_linear import transformer_gemm
+from pdengine.kernels.geglu import compile_specs, ff_geglu, geglu, modeled_bytes
+from tests.kernel_utils import assert_close, assert_compiles_clean, assert_low_precision_close
 
 
 def _p(shape, seed=0, dtype=torch.float32, scale=2.0):
@@ -192,12 +192,12 @@ def test_ff_geglu_input_errors():
     with pytest.raises(ValueError, match="share dtype"):
         ff_geglu(x, w.double(), b)
     with pytest.raises(ValueError, match="must be one of"):
-        with ff_gemm("cudnn"):
+        with transformer_gemm("cudnn"):
             pass
 
 
 def test_feed_forward_fused_mode_at_inference_only():
-    """`ff_gemm("fused")`: the feed-forward equals the PyTorch path without gradients (one fused operator), and
+    """`transformer_gemm("fused")`: the feed-forward equals the PyTorch path without gradients (one fused operator), and
     with gradients it keeps the projection + gate kernel (its backward needs the projection)."""
     from pdengine.model.layers import FeedForward
 
@@ -206,7 +206,7 @@ def test_feed_forward_fused_mode_at_inference_only():
     fast = FeedForward(16, backend="triton")
     fast.load_state_dict(ref.state_dict())
     x = _p((3, 5, 16), seed=7, scale=1.0)
-    with ff_gemm("fused"):
+    with transformer_gemm("fused"):
         with torch.no_grad():
             assert_close(fast(x), ref(x), name="fused feed-forward")
         with as_operators(), torch.no_grad():
@@ -221,14 +221,7 @@ def test_feed_forward_fused_mode_at_inference_only():
 
 
 def test_compile_specs_no_spills():
-    specs = compile_specs()
-    assert len({s.name for s in specs}) == len(specs) == 6
-    for spec in specs:
-        for arch in ARCHS:
-            report = compile_spec(spec, arch)
-            assert report.local_bytes == 0 and report.stack_bytes == 0, f"{spec.name} sm{arch} spills"
-            if spec.expects_mma:
-                assert report.mma_instructions > 0, f"{spec.name} sm{arch} has no tensor-core instructions"
+    assert_compiles_clean(compile_specs(), 7)
 
 
 @pytest.mark.gpu

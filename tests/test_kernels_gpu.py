@@ -159,8 +159,11 @@ def test_temporal_attention_full_shapes_bf16(gpu, heads, p):
         assert_low_precision_close(got, lp16, fp32, name=f"attention {name} h{heads} P{p}")
 
 
-def test_unet3d_triton_backend_matches_torch_bf16(gpu):
-    """The small preset on the GPU in bf16: kernels vs the PyTorch reference path."""
+@pytest.mark.parametrize("transformer", ["cublas", "fused"])
+def test_unet3d_triton_backend_matches_torch_bf16(gpu, transformer):
+    """The small preset on the GPU in bf16: kernels vs the PyTorch reference path, with the transformers'
+    GEMMs on cuBLAS and fused (`PDENGINE_TRANSFORMER_GEMM`)."""
+    from pdengine.kernels.fused_linear import transformer_gemm
     from pdengine.model import UNet3D
 
     torch.manual_seed(0)
@@ -173,5 +176,6 @@ def test_unet3d_triton_backend_matches_torch_bf16(gpu):
         m16 = model.to(BF16)
         ref16 = m16(x.to(BF16), t, ctx.to(BF16))
         m16.backend = "triton"
-        out = m16(x.to(BF16), t, ctx.to(BF16))
-    assert_low_precision_close(out, ref16, ref32, name="UNet3D small bf16 triton vs torch")
+        with transformer_gemm(transformer):
+            out = m16(x.to(BF16), t, ctx.to(BF16))
+    assert_low_precision_close(out, ref16, ref32, name=f"UNet3D small bf16 triton ({transformer}) vs torch")

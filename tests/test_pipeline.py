@@ -244,7 +244,11 @@ def test_compile_modes_inside_the_sampler_graph_drop_inductor_graphs():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu):
+@pytest.mark.parametrize("transformer", ["cublas", "fused"])
+def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu, transformer):
+    """Also with the transformers' GEMMs fused: their folded weights are made in the warm-up, before capture."""
+    from pdengine.kernels.fused_linear import transformer_gemm
+
     pipe_gpu = PixelDancePipeline.from_pretrained(tiny_pipeline_dir, device=gpu)
     settings = SampleSettings(num_frames=4, height=64, width=64, steps=5, guidance=4.0, tau=2)
     args = (["a", "b"], [None, None], [None, None])
@@ -252,10 +256,11 @@ def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu):
     def gens():
         return [torch.Generator().manual_seed(s) for s in (1, 2)]
 
-    pipe_gpu.use_cuda_graph = False
-    eager = pipe_gpu.sample_clip(*args, gens(), settings, static=True)
-    pipe_gpu.use_cuda_graph = True
-    graphed = pipe_gpu.sample_clip(*args, gens(), settings, static=True)
+    with transformer_gemm(transformer):
+        pipe_gpu.use_cuda_graph = False
+        eager = pipe_gpu.sample_clip(*args, gens(), settings, static=True)
+        pipe_gpu.use_cuda_graph = True
+        graphed = pipe_gpu.sample_clip(*args, gens(), settings, static=True)
     torch.testing.assert_close(graphed, eager, rtol=1e-3, atol=1e-3)
     sampler = next(s for (b, g, _), s in pipe_gpu._samplers.items() if g)
     assert sampler.graph is not None

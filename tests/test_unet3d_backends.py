@@ -21,16 +21,22 @@ def _inputs(b=2, f=3, h=4, w=6, seed=0):
     return torch.randn(b, 8, f, h, w, generator=gen), torch.tensor([20, 700])[:b], torch.randn(b, 5, 16, generator=gen)
 
 
-def test_triton_backend_forward_matches_torch_and_diffusers():
+@pytest.mark.parametrize("transformer", ["cublas", "fused"])
+def test_triton_backend_forward_matches_torch_and_diffusers(transformer):
+    """Also with `transformer_gemm("fused")` (every transformer block's LayerNorms folded into its projections,
+    residual adds in the output projections, the feed-forward's projection + gate in one GEMM)."""
+    from pdengine.kernels.fused_linear import transformer_gemm
+
     ref, ours = reference_pair(CFG)
     x, t, ctx = _inputs()
     with torch.no_grad():
         expected = ref(x, t, encoder_hidden_states=ctx).sample
         torch_out = ours(x, t, ctx)
         ours.backend = "triton"
-        triton_out = ours(x, t, ctx)
-    assert_close(triton_out, torch_out, name="triton vs torch backend")
-    assert_close(triton_out, expected, name="triton backend vs diffusers")
+        with transformer_gemm(transformer):
+            triton_out = ours(x, t, ctx)
+    assert_close(triton_out, torch_out, name=f"triton ({transformer}) vs torch backend")
+    assert_close(triton_out, expected, name=f"triton ({transformer}) backend vs diffusers")
 
 
 def test_triton_backend_backward_matches_torch():

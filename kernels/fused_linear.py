@@ -1,0 +1,445 @@
+"""The transformers' linear layers with their neighbours fused, for inference: LayerNorm folded into the
+projection that follows it, and the residual add in the output projection's epilogue.
+
+A pre-norm block runs `x + out(attn(q, k, v = linear(layer_norm(x))))` and `x + ff(layer_norm(x))`. Eagerly
+each LayerNorm reads x and writes h (2 passes of the token rows) and the projection reads h again; each
+output projection writes its result, which the residual add reads beside x before writing the sum (3 more).
+Here:
+
+- **LayerNorm folded into the projection.** With per-row mean mu and rstd r, and the norm's affine gamma, beta,
+      layer_norm(x) @ W.T + b  =  r * (x @ W'.T - mu * s) + b'
+  where W' = W * gamma (columns scaled), s = W' summed over K (one number per output column, taken from
+  W' as rounded to its dtype, so the cancellation is exact up to fp32 accumulation) and b' = b + W @ beta.
+  The GEMM multiplies the raw rows x (plain tiles: asynchronous copies and tensor cores as in any GEMM) and
+  the epilogue applies r, mu and s; `row_stats` reads x once for (mu, r) (8 bytes per row written). The
+  LayerNorm's output is never written: per norm, 1 pass of the rows instead of 3.
+  W', b', s are computed once per weight version (`fold_layer_norm`) and held beside the weights.
+- **Residual in the epilogue.** `fused_linear(o, W, b, residual=x)` writes x + o @ W.T + b directly: the
+  projection's output is never stored and re-read (2 passes instead of 4 for the output, per block 3 times).
+
+fp32 accumulation throughout; fp32 operands multiply exactly (the accuracy path); 16-bit operands use
+tensor cores. No autograd (training keeps the cuBLAS projections, whose backward needs the normalised
+input): inference only, under the switch `transformer_gemm("fused")` / `PDENGINE_TRANSFORMER_GEMM=fused`,
+which also turns on the feed-forward's fused projection + gate (`geglu.ff_geglu`, with the LayerNorm folded
+in the same way). Off by default until a GPU has timed it against cuBLAS (`pdengine info` and the bench rows
+say which mode ran).
+
+Rows on grid axis 0 (as (row tile, column tile) pairs, GROUP_M row tiles per column tile so a weight tile
+stays in L2), int64 row offsets. Under torch.compile and inside `pdengine.kernels.as_operators()` the entry
+points are opaque operators whose fake implementations give shapes on meta tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import operator_path
+from .compile_check import CompileSpec
+from .temporal_conv import _cast, _dot
+
+__all__ = ["row_stats", "fused_linear", "layer_norm_linear", "fold_layer_norm", "FoldedNorm",
+           "transformer_gemm", "transformer_gemm_mode", "modeled_bytes", "compile_specs"]
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr,  # (R, K) rows, row stride stride_x, unit column stride
+    mean_ptr,  # (R,) fp32
+    rstd_ptr,  # (R,) fp32
+    R, K, stride_x, eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < R
+    base = x_ptr + rows.to(tl.int64)[:, None] * stride_x
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        acc += tl.load(base + cols[None, :], mask=r_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / K
+    # Second pass over the same rows (from L1/L2: a row is at most a few KB) for the centred sum of squares,
+    # as exact as PyTorch's LayerNorm even when |mean| >> std.
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = r_ok[:, None] & (cols < K)[None, :]
+        d = tl.load(base + cols[None, :], mask=mask, other=0.0).to(tl.float32) - mean[:, None]
+        d = tl.where(mask, d, 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / K + eps)
+    tl.store(mean_ptr + rows, mean, mask=r_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=r_ok)
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an (M, N) GEMM: row and column offsets. Programs walk GROUP_M row tiles
+    per column tile, so a column tile's weight rows stay in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _fold_norm(acc, mean_ptr, rstd_ptr, cs_ptr, offs_m, offs_n, m_ok, n_ok):
+    """x @ W'.T -> layer_norm(x) @ W.T for a folded LayerNorm: r * (acc - mu * colsum), per row and column."""
+    mu = tl.load(mean_ptr + offs_m, mask=m_ok, other=0.0)
+    rs = tl.load(rstd_ptr + offs_m, mask=m_ok, other=0.0)
+    cs = tl.load(cs_ptr + offs_n, mask=n_ok, other=0.0)
+    return (acc - mu[:, None] * cs[None, :]) * rs[:, None]
+
+
+@triton.jit
+def _linear_kernel(
+    x_ptr,  # (M, K) input rows, row stride stride_x, unit column stride
+    w_ptr,  # (N, K) weight, contiguous
+    b_ptr,  # (N,) bias (HAS_BIAS), any float dtype
+    mean_ptr, rstd_ptr,  # (M,) fp32 row statistics (NORM)
+    cs_ptr,  # (N,) fp32 column sums of the folded weight (NORM)
+    r_ptr,  # (M, N) residual, row stride stride_r (HAS_RES)
+    y_ptr,  # (M, N) output, contiguous
+    M, N, K, stride_x, stride_r,
+    NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
+    PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rows64 = offs_m.to(tl.int64)[:, None]
+    a_ptrs = x_ptr + rows64 * stride_x + offs_k[None, :]
+    b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # W^T tiles (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k < K - k0
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = _dot(a, b, acc, PRECISION, INTERPRETED)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if NORM:
+        acc = _fold_norm(acc, mean_ptr, rstd_ptr, cs_ptr, offs_m, offs_n, m_ok, n_ok)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(r_ptr + rows64 * stride_r + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows64 * N + offs_n[None, :], _cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+class _LinearConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def _linear_config(dtype: torch.dtype, n: int) -> _LinearConfig:
+    """16-bit operands: 128-row tiles, 128 columns (64 where N is an odd multiple of 64: the preset's 320 and
+    960), K steps of 64, three stages (tensor cores). fp32 operands (exact products on FMA units, the accuracy
+    path): 64 x 64 tiles, K steps of 16, two stages."""
+    if dtype == torch.float32:
+        return _LinearConfig(64, 64, 16, 8, 4, 2)
+    return _LinearConfig(128, 128 if n % 128 == 0 else 64, 64, 8, 8, 3)
+
+
+def _stats_config(k: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps): 4096-element tiles, up to 1024 columns per step."""
+    block_k = min(1024, triton.next_power_of_2(max(k, 1)))
+    return max(1, 4096 // block_k), block_k, 4
+
+
+def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    """t (..., width) as (R, width) rows without copying; unit stride along the last dim required."""
+    try:
+        rows = t.view(-1, width)
+    except RuntimeError:
+        rows = None
+    if rows is None or (rows.numel() and rows.stride(1) != 1):
+        raise ValueError(f"{name} must collapse into (rows, {width}) without a copy, with unit last-dim stride; got "
+                         f"shape {tuple(t.shape)} strides {t.stride()}")
+    return rows
+
+
+def _row_stats_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    k = x.shape[-1]
+    x2 = _rows(x, k, "x")
+    mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if mean.numel():
+        block_r, block_k, num_warps = _stats_config(k)
+        _row_stats_kernel[(triton.cdiv(x2.shape[0], block_r),)](
+            x2, mean, rstd, x2.shape[0], k, x2.stride(0), eps, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps)
+    return mean, rstd
+
+
+def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
+                    rstd: torch.Tensor | None, colsum: torch.Tensor | None,
+                    residual: torch.Tensor | None) -> torch.Tensor:
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = _rows(x, k, "x")
+    r2 = _rows(residual, n, "residual") if residual is not None else None
+    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if y.numel():
+        cfg = _linear_config(x.dtype, n)
+        grid = (triton.cdiv(x2.shape[0], cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        norm = mean is not None
+        _linear_kernel[grid](
+            x2, weight, bias if bias is not None else weight, mean if norm else weight, rstd if norm else weight,
+            colsum if norm else weight, r2 if r2 is not None else weight, y,
+            x2.shape[0], n, k, x2.stride(0), r2.stride(0) if r2 is not None else 0,
+            NORM=norm, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, EVEN_K=k % cfg.block_k == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETED=not x.is_cuda,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return y.view(*x.shape[:-1], n)
+
+
+# ----------------------------------------------------------------------------------------------- mode
+
+TRANSFORMER_GEMMS = ("cublas", "fused")
+
+
+def _mode_from_env() -> str:
+    value = os.environ.get("PDENGINE_TRANSFORMER_GEMM", "cublas")
+    if value not in TRANSFORMER_GEMMS:
+        raise ValueError(f"PDENGINE_TRANSFORMER_GEMM must be one of {TRANSFORMER_GEMMS}, got {value!r}")
+    return value
+
+
+_transformer_gemm = _mode_from_env()
+
+
+def transformer_gemm_mode() -> str:
+    """How the UNet's transformer blocks run their GEMMs at inference with the kernels on: "cublas" (the
+    default: cuBLAS projections, eager LayerNorms and residual adds, the `geglu` gate kernel) or "fused"
+    (LayerNorms folded into the projections, residual adds in the output projections' epilogues, the
+    feed-forward's projection and gate in one kernel: `fused_linear`, `geglu.ff_geglu`).
+    `PDENGINE_TRANSFORMER_GEMM` sets it at import; `transformer_gemm(name)` for a block of code. Training
+    always runs the cuBLAS path (its backward needs the normalised inputs and the projections)."""
+    return _transformer_gemm
+
+
+@contextlib.contextmanager
+def transformer_gemm(name: str) -> Iterator[None]:
+    global _transformer_gemm
+    if name not in TRANSFORMER_GEMMS:
+        raise ValueError(f"transformer_gemm must be one of {TRANSFORMER_GEMMS}, got {name!r}")
+    previous, _transformer_gemm = _transformer_gemm, name
+    try:
+        yield
+    finally:
+        _transformer_gemm = previous
+
+
+# ----------------------------------------------------------------------------------------------- public
+
+
+class FoldedNorm(NamedTuple):
+    """A LayerNorm folded into the linear layer after it (see the module docstring)."""
+
+    weight: torch.Tensor  # (N, K) W * gamma, in W's dtype
+    bias: torch.Tensor  # (N,) fp32: b + W @ beta
+    colsum: torch.Tensor  # (N,) fp32: the rounded W' summed over K
+    eps: float
+
+
+@torch.no_grad()
+def fold_layer_norm(ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> FoldedNorm:
+    """Fold `layer_norm(., (K,), ln_weight, ln_bias, eps)` into the linear layer (weight (N, K), bias (N,))
+    that follows it, for `layer_norm_linear`."""
+    n, k = weight.shape
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None and t.shape != (k,):
+            raise ValueError(f"{name} must be ({k},) for a (N, {k}) weight, got {tuple(t.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must be ({n},), got {tuple(bias.shape)}")
+    w32 = weight.float()
+    folded = (w32 * ln_weight.float()[None, :] if ln_weight is not None else w32).to(weight.dtype).contiguous()
+    b = torch.zeros(n, dtype=torch.float32, device=weight.device)
+    if bias is not None:
+        b += bias.float()
+    if ln_bias is not None:
+        b += w32 @ ln_bias.float()
+    return FoldedNorm(folded, b, folded.float().sum(dim=1), float(eps))
+
+
+def _check_rows(x: torch.Tensor, name: str = "x") -> None:
+    if x.dim() < 1 or not x.is_floating_point() or x.numel() and x.stride(-1) != 1:
+        raise ValueError(f"{name} must be floating-point (..., K) rows with unit last-dim stride, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+
+
+def _check_inference(*tensors: torch.Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError("the fused linear kernels are for inference (no autograd): run the eager LayerNorm, "
+                         "linear and residual add when gradients are needed")
+
+
+def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm statistics of each row of x (..., K): mean and 1 / sqrt(biased variance + eps), fp32 (rows,)."""
+    _check_rows(x)
+    _check_inference(x)
+    if operator_path():
+        return _row_stats_op(x, float(eps))
+    return _row_stats_forward(x, float(eps))
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 stats: tuple[torch.Tensor, torch.Tensor] | None = None, colsum: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = [r * (x @ weight.T - mu * colsum)] + bias + residual, (..., K) -> (..., N) in x's dtype: with
+    `stats` = (mu, r) of x's rows and the folded norm's `colsum` the bracket is the LayerNorm folded into the
+    GEMM; without them it is x @ weight.T. fp32 accumulation and epilogue. No autograd."""
+    _check_rows(x)
+    k = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous (N, K={k}) matrix, got {tuple(weight.shape)}")
+    if weight.numel() >= 2**31:
+        raise ValueError(f"weight {tuple(weight.shape)} has 2**31 elements or more: the kernel indexes it with int32")
+    n = weight.shape[0]
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating-point ({n},) vector, got {tuple(bias.shape)} {bias.dtype}")
+    if weight.dtype != x.dtype or any(t is not None and t.device != x.device for t in (weight, bias, residual)):
+        raise ValueError("x and weight must share dtype, and every tensor x's device")
+    if (stats is None) != (colsum is None):
+        raise ValueError("stats and colsum go together (a folded LayerNorm), or neither")
+    mean = rstd = None
+    if stats is not None:
+        mean, rstd = stats
+        rows = x.numel() // k if k else 0
+        for name, t, size in (("mean", mean, rows), ("rstd", rstd, rows), ("colsum", colsum, n)):
+            if t.shape != (size,) or t.dtype != torch.float32 or not t.is_contiguous() or t.device != x.device:
+                raise ValueError(f"{name} must be a contiguous fp32 ({size},) vector, got {tuple(t.shape)} {t.dtype}")
+    if residual is not None:
+        if residual.shape != (*x.shape[:-1], n) or residual.dtype != x.dtype:
+            raise ValueError(f"residual must be {(*x.shape[:-1], n)} in {x.dtype}, got {tuple(residual.shape)} "
+                             f"{residual.dtype}")
+        _check_rows(residual, "residual")
+    _check_inference(x, weight, bias, residual)
+    if operator_path():
+        return _linear_op(x, weight, bias, mean, rstd, colsum, residual)
+    return _linear_forward(x, weight, bias, mean, rstd, colsum, residual)
+
+
+def layer_norm_linear(x: torch.Tensor, folded: FoldedNorm,
+                      stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """linear(layer_norm(x)) for a `fold_layer_norm` result: `row_stats` (unless given, e.g. shared by
+    several projections of the same rows) and one GEMM whose epilogue applies the norm."""
+    if stats is None:
+        stats = row_stats(x, folded.eps)
+    return fused_linear(x, folded.weight, folded.bias, stats=stats, colsum=folded.colsum)
+
+
+def modeled_bytes(rows: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, *, norm: bool = False,
+                  residual: bool = False) -> int:
+    """Minimum HBM bytes of one fused linear (weights aside): x read once, y written once, the residual read
+    once; with a folded norm also `row_stats`' read of x and the 8 bytes per row of statistics (written, then
+    read by the GEMM)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    total = rows * (k + n + (n if residual else 0)) * item
+    if norm:
+        total += rows * k * item + 2 * rows * 8
+    return total
+
+
+# ----------------------------------------------------------------------------------------------- operators
+
+_row_stats_op = torch.library.custom_op("pdengine::row_stats", _row_stats_forward, mutates_args=())
+
+
+@_row_stats_op.register_fake
+def _(x, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+_linear_op = torch.library.custom_op("pdengine::fused_linear", _linear_forward, mutates_args=())
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, mean, rstd, colsum, residual):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------------------------- compile check
+
+
+def _jit(fn):
+    """The compilable JITFunction behind a kernel (under TRITON_INTERPRET=1 `@triton.jit` gives an
+    InterpretedFunction, which `triton.compile` cannot take)."""
+    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
+
+
+def compile_specs() -> list[CompileSpec]:
+    """The launches at the `pixeldance` widths: row statistics for K = 320 (512-column steps) and 640 / 1280
+    (1024); the linear in bf16 with a folded norm (q/k/v: N = 960, 64-column tiles; N = 1280, 128) and with a
+    residual (output projections: N = 320 and 1280), all K multiples of 64 (EVEN_K); and the fp32 path."""
+    specs = []
+    for k in (320, 1280):
+        block_r, block_k, num_warps = _stats_config(k)
+        specs.append(CompileSpec(
+            name=f"row_stats_bf16_k{block_k}", fn=_jit(_row_stats_kernel),
+            signature={"x_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "R": "i32", "K": "i32",
+                       "stride_x": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+            constexprs={"BLOCK_R": block_r, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=1,
+            divisible=("K", "stride_x"),
+        ))
+    names = ("NORM", "HAS_BIAS", "HAS_RES", "EVEN_K", "PRECISION", "INTERPRETED", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+             "GROUP_M")
+    variants = (("norm", "bf16", torch.bfloat16, 960, True, False), ("norm", "bf16", torch.bfloat16, 1280, True, False),
+                ("residual", "bf16", torch.bfloat16, 320, False, True),
+                ("residual", "bf16", torch.bfloat16, 1280, False, True),
+                ("norm_residual", "fp32", torch.float32, 320, True, True))
+    for kind, dname, dtype, n, norm, res in variants:
+        cfg = _linear_config(dtype, n)
+        ptr = f"*{dname}"
+        specs.append(CompileSpec(
+            name=f"fused_linear_{kind}_{dname}_n{cfg.block_n}", fn=_jit(_linear_kernel),
+            signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm else ptr, "mean_ptr": "*fp32",
+                       "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "r_ptr": ptr, "y_ptr": ptr, "M": "i32", "N": "i32",
+                       "K": "i32", "stride_x": "i32", "stride_r": "i32", **{c: "constexpr" for c in names}},
+            constexprs={"NORM": norm, "HAS_BIAS": True, "HAS_RES": res, "EVEN_K": True,
+                        "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "INTERPRETED": False,
+                        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=dtype != torch.float32,
+            divisible=("N", "K", "stride_x", "stride_r"),
+        ))
+    return specs

@@ -1,0 +1,36 @@
+"""Pure-PyTorch reference for the transformers' fused linear layers (`fused_linear.py`); never imports triton.
+
+A pre-norm transformer block (SD / ModelScope `BasicTransformerBlock`, ours in `model/layers.py`) runs three
+times per block
+    h = layer_norm(x) ;  y = h @ W.T + b ;  ... ;  x = x + out_proj(o)
+eagerly as separate passes: the LayerNorm reads x and writes h, the projection reads h again, the output
+projection writes its result and the residual add reads it and x and writes the sum. These are those
+computations as PyTorch runs them, the kernels' accuracy references.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["row_stats_ref", "layer_norm_linear_ref", "linear_residual_ref"]
+
+
+def row_stats_ref(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of x (..., K): mean and 1 / sqrt(biased variance + eps), in fp32, shaped (rows,)."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    var, mean = torch.var_mean(rows, dim=1, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def layer_norm_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float,
+                          weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(layer_norm(x)) as two eager passes (the LayerNorm's output in x's dtype)."""
+    h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
+    return F.linear(h, weight, bias)
+
+
+def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x) as two eager passes."""
+    return residual + F.linear(x, weight, bias)

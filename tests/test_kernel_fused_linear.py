@@ -1,0 +1,270 @@
+"""Fused linear kernels (`kernels/fused_linear.py`: row statistics, the LayerNorm folded into the projection,
+the residual add in the epilogue; the feed-forward's fused projection + gate with a folded norm) against
+their PyTorch references (`kernels/fused_linear_ref.py`, the eager passes the transformer block runs):
+awkward shapes, strided inputs, low precision, input errors, the operator path on meta, the transformer
+blocks in the fused mode, compile check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdengine.bench.common import count_bytes
+from pdengine.kernels import as_operators
+from pdengine.kernels import fused_linear_ref as ref
+from pdengine.kernels.fused_linear import (
+    compile_specs,
+    fold_layer_norm,
+    fused_linear,
+    layer_norm_linear,
+    modeled_bytes,
+    row_stats,
+    transformer_gemm,
+)
+from pdengine.kernels.geglu import ff_geglu
+from pdengine.kernels.geglu_ref import geglu_ref
+from tests.kernel_utils import assert_close, assert_compiles_clean, assert_low_precision_close
+
+
+def _t(shape, seed=0, scale=1.0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(shape, generator=g) + shift
+
+
+def _layer(k, n, seed=1, bias=True, affine=True):
+    """A LayerNorm's affine (gamma, beta) and the linear layer after it."""
+    gamma = 1.0 + 0.5 * _t((k,), seed) if affine else None
+    beta = 0.3 * _t((k,), seed + 1) if affine else None
+    w = _t((n, k), seed + 2) * k ** -0.5
+    b = 0.2 * _t((n,), seed + 3) if bias else None
+    return gamma, beta, w, b
+
+
+@pytest.mark.parametrize("shape", [(1, 8), (37, 40), (2, 9, 1100), (5, 3, 320)])
+def test_row_stats_match_reference(shape):
+    """Rows not a multiple of the row block, K not a power of two, K over one 1024-column step; a mean far
+    from zero (the centred second pass keeps the variance exact)."""
+    x = _t(shape, scale=2.0, shift=300.0)
+    mean, rstd = row_stats(x, 1e-5)
+    mean_ref, rstd_ref = ref.row_stats_ref(x, 1e-5)
+    assert mean.shape == rstd.shape == (x.numel() // shape[-1],) and mean.dtype == torch.float32
+    assert_close(mean, mean_ref, name="mean")
+    assert_close(rstd, rstd_ref, name="rstd")
+
+
+@pytest.mark.parametrize("m_shape, k, n", [((37,), 40, 24), ((2, 70), 64, 128), ((1,), 8, 3), ((130,), 96, 70)])
+@pytest.mark.parametrize("affine, bias", [(True, True), (False, False), (True, False)])
+def test_layer_norm_linear_matches_norm_then_linear(m_shape, k, n, affine, bias):
+    """Rows, K (with and without the EVEN_K path) and N not multiples of the tiles; with and without the
+    norm's affine and the linear's bias; fp32 exact products."""
+    x = _t((*m_shape, k), seed=4, scale=1.5, shift=0.5)
+    gamma, beta, w, b = _layer(k, n, affine=affine, bias=bias)
+    folded = fold_layer_norm(gamma, beta, 1e-5, w, b)
+    want = ref.layer_norm_linear_ref(x, gamma, beta, 1e-5, w, b)
+    assert_close(layer_norm_linear(x, folded), want, name="folded LayerNorm + linear")
+
+
+@pytest.mark.parametrize("m_shape, k, n", [((37,), 40, 24), ((3, 50), 64, 64)])
+def test_residual_epilogue_with_and_without_norm(m_shape, k, n):
+    x = _t((*m_shape, k), seed=5)
+    res = _t((*m_shape, n), seed=6)
+    gamma, beta, w, b = _layer(k, n, seed=7)
+    assert_close(fused_linear(x, w, b, residual=res), ref.linear_residual_ref(x, w, b, res), name="residual")
+    assert_close(fused_linear(x, w, None, residual=res), ref.linear_residual_ref(x, w, None, res),
+                 name="residual without bias")
+    assert_close(fused_linear(x, w), F.linear(x, w), name="plain")
+    folded = fold_layer_norm(gamma, beta, 1e-5, w, b)
+    got = fused_linear(x, folded.weight, folded.bias, stats=row_stats(x, 1e-5), colsum=folded.colsum, residual=res)
+    assert_close(got, res + ref.layer_norm_linear_ref(x, gamma, beta, 1e-5, w, b), name="norm and residual")
+
+
+def test_row_strided_inputs_are_read_in_place():
+    """x and the residual as column slices of wider rows (row stride > K); the extra columns are never read."""
+    x = _t((50, 64), seed=8)
+    res = _t((50, 32), seed=9)
+    wide_x = torch.cat([x, torch.full((50, 16), float("nan"))], dim=1)[:, :64]
+    wide_r = torch.cat([res, torch.full((50, 8), float("nan"))], dim=1)[:, :32]
+    assert wide_x.stride(0) == 80 and wide_r.stride(0) == 40
+    gamma, beta, w, b = _layer(64, 32, seed=10)
+    folded = fold_layer_norm(gamma, beta, 1e-5, w, b)
+    assert_close(row_stats(wide_x, 1e-5)[1], ref.row_stats_ref(x, 1e-5)[1], name="row-strided stats")
+    got = fused_linear(wide_x, folded.weight, folded.bias, stats=row_stats(wide_x, 1e-5), colsum=folded.colsum,
+                       residual=wide_r)
+    assert_close(got, res + ref.layer_norm_linear_ref(x, gamma, beta, 1e-5, w, b), name="row-strided linear")
+
+
+def test_low_precision():
+    """bf16 operands (tensor cores on a GPU): the folded norm's error within 2x of PyTorch's own bf16
+    LayerNorm + linear, and the residual epilogue's within 2x of its bf16 linear + add, both against fp32."""
+    x32 = _t((90, 128), seed=11, scale=2.0, shift=1.0)
+    res32 = _t((90, 96), seed=12)
+    gamma, beta, w, b = _layer(128, 96, seed=13)
+    lp = [t.bfloat16() for t in (x32, gamma, beta, w, b, res32)]
+    xl, gl, bl, wl, bbl, rl = lp
+    folded = fold_layer_norm(gl, bl, 1e-5, wl, bbl)
+    assert folded.weight.dtype == torch.bfloat16 and folded.bias.dtype == torch.float32
+    got = layer_norm_linear(xl, folded)
+    assert got.dtype == torch.bfloat16
+    assert_low_precision_close(got, ref.layer_norm_linear_ref(xl, gl, bl, 1e-5, wl, bbl),
+                               ref.layer_norm_linear_ref(x32, gamma, beta, 1e-5, w, b), name="bf16 norm + linear")
+    assert_low_precision_close(fused_linear(xl[:, :96], wl[:, :96].contiguous(), bbl, residual=rl),
+                               ref.linear_residual_ref(xl[:, :96], wl[:, :96], bbl, rl),
+                               ref.linear_residual_ref(x32[:, :96], w[:, :96], b, res32), name="bf16 residual")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ff_geglu_with_a_folded_norm(dtype):
+    """The feed-forward's first half after its LayerNorm: GEGLU(linear(layer_norm(x))) in one GEMM whose
+    epilogue applies the norm and the gate (the norm's output and the projection never stored)."""
+    x = _t((45, 64), seed=14, scale=1.5, shift=-0.7)
+    gamma, beta, w, b = _layer(64, 2 * 40, seed=15)
+    want32 = geglu_ref(ref.layer_norm_linear_ref(x, gamma, beta, 1e-5, w, b))
+    xl, gl, bl, wl, bbl = (t.to(dtype) for t in (x, gamma, beta, w, b))
+    folded = fold_layer_norm(gl, bl, 1e-5, wl, bbl)
+    got = ff_geglu(xl, folded.weight, folded.bias, stats=row_stats(xl, 1e-5), colsum=folded.colsum)
+    if dtype == torch.float32:
+        assert_close(got, want32, name="fp32")
+    else:
+        assert_low_precision_close(got, geglu_ref(ref.layer_norm_linear_ref(xl, gl, bl, 1e-5, wl, bbl)), want32,
+                                   name="bf16")
+
+
+def test_input_errors():
+    x = _t((4, 8))
+    w = _t((6, 8))
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear(x, w[:, :4])
+    with pytest.raises(ValueError, match="weight must be"):
+        fused_linear(x, w.t().contiguous().t())
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_linear(x, w, torch.ones(5))
+    with pytest.raises(ValueError, match="share dtype"):
+        fused_linear(x, w.double())
+    with pytest.raises(ValueError, match="go together"):
+        fused_linear(x, w, stats=row_stats(x, 1e-5))
+    with pytest.raises(ValueError, match="mean must be"):
+        fused_linear(x, w, stats=row_stats(x[:3], 1e-5), colsum=torch.zeros(6))
+    with pytest.raises(ValueError, match="colsum must be"):
+        fused_linear(x, w, stats=row_stats(x, 1e-5), colsum=torch.zeros(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual must be"):
+        fused_linear(x, w, residual=torch.zeros(4, 5))
+    with pytest.raises(ValueError, match="unit last-dim stride"):
+        row_stats(x.t(), 1e-5)
+    with pytest.raises(ValueError, match="without a copy"):
+        row_stats(_t((6, 5, 8)).transpose(0, 1), 1e-5)
+    with pytest.raises(ValueError, match="inference"):
+        fused_linear(x.clone().requires_grad_(), w)
+    with pytest.raises(ValueError, match="ln_weight must be"):
+        fold_layer_norm(torch.ones(7), None, 1e-5, w)
+    with pytest.raises(ValueError, match="must be one of"):
+        with transformer_gemm("cudnn"):
+            pass
+
+
+def test_operator_path_on_meta_counts_the_model():
+    """Inside `as_operators()` each entry point is one registered operator: on meta tensors it gives the
+    shape without launching, and its counted bytes are the kernel's model (weights aside), fewer than the
+    eager LayerNorm + linear + residual add."""
+    rows, k, n = 256, 320, 960
+    x = torch.empty(rows, k, device="meta", dtype=torch.bfloat16)
+    res = torch.empty(rows, n, device="meta", dtype=torch.bfloat16)
+    folded = fold_layer_norm(torch.empty(k, device="meta", dtype=torch.bfloat16),
+                             torch.empty(k, device="meta", dtype=torch.bfloat16), 1e-5,
+                             torch.empty(n, k, device="meta", dtype=torch.bfloat16))
+    weight_bytes = n * k * 2 + 2 * n * 4
+
+    def fused():
+        s = row_stats(x, 1e-5)
+        return fused_linear(x, folded.weight, folded.bias, stats=s, colsum=folded.colsum, residual=res)
+
+    with as_operators():
+        assert fused().shape == (rows, n)
+        counted, ops = count_bytes(fused)
+    assert ops == 2
+    assert counted - weight_bytes == modeled_bytes(rows, k, n, torch.bfloat16, norm=True, residual=True)
+    ln = torch.nn.LayerNorm(k, device="meta", dtype=torch.bfloat16)
+    eager, _ = count_bytes(lambda: res + F.linear(ln(x), folded.weight))
+    assert counted < eager
+
+
+def _block_pair(cross: bool):
+    from pdengine.model.layers import TransformerBlock
+
+    torch.manual_seed(0)
+    ctx_dim = 12 if cross else None
+    slow = TransformerBlock(32, 2, 16, ctx_dim)
+    with torch.no_grad():
+        for prm in slow.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))  # non-trivial LayerNorm affines
+    fast = TransformerBlock(32, 2, 16, ctx_dim, backend="triton")
+    fast.load_state_dict(slow.state_dict())
+    return slow.eval(), fast.eval()
+
+
+def test_transformer_blocks_fused_mode_equal_the_pytorch_path():
+    """`transformer_gemm("fused")` at inference: the spatial block (SDPA, text cross-attention) and the
+    temporal block on token rows (the attention kernel) equal the PyTorch path; the folded weights are
+    computed once and recomputed after a weight changes; with gradients the block runs the unfused path."""
+    slow, fast = _block_pair(cross=True)
+    x, ctx = _t((3, 10, 32), seed=20, shift=0.4), _t((3, 4, 12), seed=21)
+    with transformer_gemm("fused"), torch.no_grad():
+        assert_close(fast(x, ctx), slow(x, ctx), name="spatial block", scale=2.0)
+        folds = fast._folds()
+        fast(x, ctx)
+        assert fast._folds() is folds
+        fast.norm3.weight.mul_(1.5)
+        slow.norm3.weight.mul_(1.5)
+        assert fast._folds() is not folds
+        assert_close(fast(x, ctx), slow(x, ctx), name="spatial block after a weight change", scale=2.0)
+
+    slow, fast = _block_pair(cross=False)
+    frames, pixels = 3, 5
+    t = _t((2 * frames * pixels, 32), seed=22)
+    # The PyTorch path on (b p) f sequences; the kernel path on (b f p) token rows.
+    seq = t.view(2, frames, pixels, 32).permute(0, 2, 1, 3).reshape(2 * pixels, frames, 32)
+    with transformer_gemm("fused"), torch.no_grad():
+        want = slow(seq).view(2, pixels, frames, 32).permute(0, 2, 1, 3).reshape(-1, 32)
+        assert_close(fast.forward_frames(t, frames, pixels), want, name="temporal block", scale=2.0)
+        with as_operators():
+            meta = _block_pair(cross=False)[1].to("meta")
+            meta._folds()  # once per weight version, not per call: outside the count
+            fused_bytes, fused_ops = count_bytes(meta.forward_frames, t.to("meta"), frames, pixels)
+    with as_operators(), torch.no_grad():
+        plain_bytes, plain_ops = count_bytes(meta.forward_frames, t.to("meta"), frames, pixels)
+    assert fused_ops < plain_ops and fused_bytes < plain_bytes
+
+    slow, fast = _block_pair(cross=True)
+    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with transformer_gemm("fused"):
+        fast(xf, ctx).sum().backward()
+    slow(xs, ctx).sum().backward()
+    assert_close(xf.grad, xs.grad, name="training keeps the unfused path", scale=2.0)
+
+
+def test_compile_specs_no_spills():
+    assert_compiles_clean(compile_specs(), 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows, k, n", [(2 * 16 * 1024, 320, 960), (2 * 16 * 64, 1280, 1280)])
+def test_gpu_full_shapes_bf16(gpu, rows, k, n):
+    """The folded LayerNorm + q/k/v projection and the residual epilogue at the top and 8x8 levels of one
+    video's CFG batch, bf16 within 2x PyTorch's own bf16 error of the fp32 computation."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, k, device="cuda") + 0.5
+    res = torch.randn(rows, n, device="cuda")
+    gamma = 1.0 + 0.2 * torch.randn(k, device="cuda")
+    beta = 0.2 * torch.randn(k, device="cuda")
+    w = torch.randn(n, k, device="cuda") * k ** -0.5
+    b = 0.1 * torch.randn(n, device="cuda")
+    lp = [t.bfloat16() for t in (x, gamma, beta, w, b, res)]
+    folded = fold_layer_norm(lp[1], lp[2], 1e-5, lp[3], lp[4])
+    assert_low_precision_close(layer_norm_linear(lp[0], folded),
+                               ref.layer_norm_linear_ref(lp[0], *lp[1:3], 1e-5, *lp[3:5]),
+                               ref.layer_norm_linear_ref(x, gamma, beta, 1e-5, w, b), name="folded norm bf16")
+    w2 = torch.randn(n, n, device="cuda") * n ** -0.5
+    o = torch.randn(rows, n, device="cuda")
+    assert_low_precision_close(fused_linear(o.bfloat16(), w2.bfloat16(), lp[4], residual=lp[5]),
+                               ref.linear_residual_ref(o.bfloat16(), w2.bfloat16(), lp[4], lp[5]),
+                               ref.linear_residual_ref(o, w2, b, res), name="residual bf16")
