@@ -53,7 +53,8 @@ from .common import (
 )
 from .plot import write_plot
 
-FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu", "fused_linear")
+FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu", "fused_linear",
+            "group_norm_silu")
 DIRECTIONS_WITH_BACKWARD = ("fwd", "bwd", "fwd+bwd")
 FRAMES = 16
 LEVELS = ((32, 320), (16, 640), (8, 1280), (4, 1280))  # (H = W, channels) of the UNet levels, 32x32 latent
@@ -633,6 +634,52 @@ def _fl_res_compile(s: dict[str, Any]) -> Workload:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# group_norm_silu
+
+
+def _group_norm_silu_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) -> list[Case]:
+    """The spatial ResNets' second GroupNorm + SiLU (with the timestep add before it) at each level, on the
+    2 * videos * frames images of the CFG batch, inference (forward only)."""
+    cases = []
+    for hw, c in levels:
+        n = 2 * videos * frames
+
+        def make(device: str, dtype: torch.dtype, n=n, c=c, hw=hw) -> dict[str, Any]:
+            torch.manual_seed(0)
+            return {"x": torch.randn(n, c, hw, hw, device=device, dtype=dtype),
+                    "w": 1.0 + 0.1 * torch.randn(c, device=device, dtype=dtype),
+                    "b": 0.1 * torch.randn(c, device=device, dtype=dtype),
+                    "shift": torch.randn(n, c, device=device, dtype=dtype)}
+
+        def modeled(dtype: torch.dtype, n=n, c=c, hw=hw) -> int:
+            from pdengine.kernels.group_norm_silu import modeled_bytes
+
+            return modeled_bytes(n, c, hw * hw, dtype, shift=True) + 2 * c * _item(dtype)
+
+        cases.append(Case("group_norm_silu", f"N{n} C{c} {hw}x{hw}", "timestep add + GroupNorm + SiLU", ("fwd",),
+                          make, {"triton": _gns_triton, "torch_ref": _gns_ref, "torch_compile": _gns_compile},
+                          modeled))
+    return cases
+
+
+def _gns_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.group_norm_silu import group_norm_silu
+
+    return Workload(lambda: group_norm_silu(s["x"], s["w"], s["b"], GROUPS, 1e-5, s["shift"]))
+
+
+def _gns_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.group_norm_silu_ref import group_norm_silu_ref
+
+    fn = torch.compile(group_norm_silu_ref, dynamic=False) if compile else group_norm_silu_ref
+    return Workload(lambda: fn(s["x"], s["w"], s["b"], GROUPS, 1e-5, s["shift"]))
+
+
+def _gns_compile(s: dict[str, Any]) -> Workload:
+    return _gns_ref(s, compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Cases
 
 
@@ -654,6 +701,8 @@ def build_cases(families: Iterable[str], quick: bool, videos: int = VIDEOS, fram
             cases += _geglu_cases(lv, videos, frames)
         elif fam == "fused_linear":
             cases += _fused_linear_cases(lv, videos, frames)
+        elif fam == "group_norm_silu":
+            cases += _group_norm_silu_cases(lv, videos, frames)
         else:
             raise ValueError(f"unknown kernel family {fam!r} (known: {', '.join(FAMILIES)})")
     return cases

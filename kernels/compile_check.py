@@ -207,9 +207,18 @@ def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> Compil
 
 def all_specs() -> list[CompileSpec]:
     """Every kernel launch of the kernel families at the `pixeldance` preset's shapes."""
-    from . import concat_cond, fused_linear, geglu, latent_update, temporal_attention, temporal_conv
+    from . import (
+        concat_cond,
+        fused_linear,
+        geglu,
+        group_norm_silu,
+        latent_update,
+        temporal_attention,
+        temporal_conv,
+    )
 
     specs: list[CompileSpec] = []
-    for module in (temporal_conv, temporal_attention, concat_cond, latent_update, geglu, fused_linear):
+    for module in (temporal_conv, temporal_attention, concat_cond, latent_update, geglu, fused_linear,
+                   group_norm_silu):
         specs.extend(module.compile_specs())
     return specs

@@ -79,13 +79,35 @@ def video_group_norm(
     return y.reshape(bf, c, h, w).to(x.dtype)
 
 
+def needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
+    """Whether autograd would record a call of `module` on x."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+
+
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, backend: str,
+                    shift: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(norm(x + shift[:, :, None, None])): one Triton pass with the kernels on when no gradient flows
+    through it (kernels/group_norm_silu.py), the eager ops otherwise."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (x, norm.weight, norm.bias, shift))
+    if use_kernels(backend, x) and not grad:
+        from pdengine.kernels.group_norm_silu import group_norm_silu as fused
+
+        return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, shift)
+    if shift is not None:
+        x = x + shift[:, :, None, None]
+    return F.silu(norm(x))
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added between; 1x1 shortcut when the
-    channel count changes."""
+    channel count changes. With the kernels on, at inference each GroupNorm + SiLU (and the timestep add
+    before the second) is one Triton pass."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
-                 output_scale_factor: float = 1.0):
+                 output_scale_factor: float = 1.0, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
@@ -96,9 +118,9 @@ class ResnetBlock2D(nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(group_norm_silu(x, self.norm1, self.backend))
+        h = group_norm_silu(h, self.norm2, self.backend, shift=self.time_emb_proj(F.silu(temb)))
+        h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -214,8 +236,8 @@ class FeedForward(nn.Module):
             from pdengine.kernels.geglu import ff_geglu, geglu
 
             proj = self.net[0].proj
-            needs_grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-            if transformer_gemm_mode() == "fused" and not needs_grad:
+            grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
+            if transformer_gemm_mode() == "fused" and not grad:
                 x = ff_geglu(x, proj.weight, proj.bias)
             else:
                 x = geglu(proj(x))
@@ -281,7 +303,7 @@ class TransformerBlock(nn.Module):
 
         if transformer_gemm_mode() != "fused":
             return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
+        return not needs_grad(x, self)
 
     def _folds(self) -> dict[str, Any]:
         """Each LayerNorm folded into the projection after it (`fused_linear.fold_layer_norm`): computed once

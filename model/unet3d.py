@@ -38,6 +38,7 @@ from .layers import (
     TemporalTransformer,
     TimestepEmbedding,
     Upsample2D,
+    group_norm_silu,
     logger,
     timestep_embedding,
     use_kernels,
@@ -199,7 +200,7 @@ class UNet3D(nn.Module):
         self._backend = value
         self._announced = False
         for m in self.modules():
-            if isinstance(m, (TemporalConvLayer, TemporalTransformer, SpatialTransformer)):
+            if isinstance(m, (TemporalConvLayer, TemporalTransformer, SpatialTransformer, ResnetBlock2D)):
                 m.backend = value
 
     # ------------------------------------------------------------------ forward
@@ -287,7 +288,7 @@ class UNet3D(nn.Module):
                 # Odd skip sizes (H, W not a multiple of 2**levels): upsample to the skip's size.
                 x = block.upsamplers[0](x, tuple(skips[-1].shape[-2:]))
 
-        x = self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        x = self.conv_out(group_norm_silu(x, self.conv_norm_out, self._backend))  # conv_act's SiLU inside
         return x.reshape(b, f, -1, h, w).permute(0, 2, 1, 3, 4)
 
     # ------------------------------------------------------------------ construction / IO
