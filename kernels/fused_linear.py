@@ -16,6 +16,9 @@ Here:
   W', b', s are computed once per weight version (`fold_layer_norm`) and held beside the weights.
 - **Residual in the epilogue.** `fused_linear(o, W, b, residual=x)` writes x + o @ W.T + b directly: the
   projection's output is never stored and re-read (2 passes instead of 4 for the output, per block 3 times).
+  `linear_to_video_residual` does the same for a transformer's proj_out, storing straight into the
+  (B*F, C, H, W) layout of its residual (the token rows' way back to the video layout, otherwise its own
+  kernel: `temporal_attention.tokens_to_video_residual`).
 
 fp32 accumulation throughout; fp32 operands multiply exactly (the accuracy path); 16-bit operands use
 tensor cores. No autograd (training keeps the cuBLAS projections, whose backward needs the normalised
@@ -44,7 +47,8 @@ from . import operator_path
 from .compile_check import CompileSpec
 from .temporal_conv import _cast, _dot
 
-__all__ = ["row_stats", "fused_linear", "layer_norm_linear", "fold_layer_norm", "FoldedNorm",
+__all__ = ["row_stats", "merge_row_stats", "RowPartials", "fused_linear", "layer_norm_linear", "linear_to_video_residual", "video_layout_ok",
+           "fold_layer_norm", "FoldedNorm",
            "transformer_gemm", "transformer_gemm_mode", "modeled_bytes", "compile_specs"]
 
 
@@ -83,8 +87,8 @@ def _row_stats_kernel(
 
 
 @triton.jit
-def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile of an (M, N) GEMM: row and column offsets. Programs walk GROUP_M row tiles
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of an (M, N) GEMM: (row tile, column tile). Programs walk GROUP_M row tiles
     per column tile, so a column tile's weight rows stay in L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -92,8 +96,13 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     per_group = GROUP_M * num_n
     first_m = (pid // per_group) * GROUP_M
     size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    return first_m + (pid % per_group) % size_m, (pid % per_group) // size_m
+
+
+@triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile's row and column offsets (see `_tile_ids`)."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
 
 
@@ -113,12 +122,15 @@ def _linear_kernel(
     b_ptr,  # (N,) bias (HAS_BIAS), any float dtype
     mean_ptr, rstd_ptr,  # (M,) fp32 row statistics (NORM)
     cs_ptr,  # (N,) fp32 column sums of the folded weight (NORM)
-    r_ptr,  # (M, N) residual, row stride stride_r (HAS_RES)
-    y_ptr,  # (M, N) output, contiguous
+    r_ptr,  # (M, N) residual, row stride stride_r (HAS_RES); (M / P, N, P) when VIDEO_P
+    y_ptr,  # (M, N) output, contiguous; (M / P, N, P) when VIDEO_P
+    part_ptr,  # (M, cdiv(N, BLOCK_N), 2) fp32: each tile's row mean and centred sum of squares (STATS_OUT)
     M, N, K, stride_x, stride_r,
     NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    VIDEO_P: tl.constexpr,  # 0, or P: rows m = image * P + pixel stored to the (images, N, P) layout
+    STATS_OUT: tl.constexpr,  # the output rows' LayerNorm statistics, per tile (row layout only)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
     PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -127,7 +139,9 @@ def _linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    offs_m, offs_n = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -151,9 +165,57 @@ def _linear_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
+    if VIDEO_P > 0:
+        # Token rows back to the (B*F, C, H, W) layout: a tile's rows are consecutive pixels of one image
+        # (P % BLOCK_M == 0), so the stores run contiguously down each output channel (the image and first
+        # pixel as scalars, so the compiler sees the contiguity: 16-byte vector stores).
+        first = pid_m * BLOCK_M
+        pixel = first % VIDEO_P + tl.arange(0, BLOCK_M)
+        out = (first // VIDEO_P).to(tl.int64) * N * VIDEO_P + offs_n[None, :] * VIDEO_P + pixel[:, None]
+        r_off = out
+    else:
+        out = rows64 * N + offs_n[None, :]
+        r_off = rows64 * stride_r + offs_n[None, :]
     if HAS_RES:
-        acc += tl.load(r_ptr + rows64 * stride_r + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows64 * N + offs_n[None, :], _cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+        acc += tl.load(r_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    y = _cast(acc, y_ptr.dtype.element_ty, INTERPRETED)
+    tl.store(y_ptr + out, y, mask=mask)
+    if STATS_OUT:
+        # The next LayerNorm's statistics of the values as stored, per (row, column tile): the tile's mean and
+        # centred sum of squares, merged across tiles in a fixed order by `merge_row_stats` (deterministic,
+        # exact like a two-pass variance). The rows are never read again for them.
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        count = tl.sum(n_ok.to(tl.float32), axis=0)
+        mean_t = tl.sum(yf, axis=1) / count
+        d = tl.where(mask, yf - mean_t[:, None], 0.0)
+        tiles = tl.cdiv(N, BLOCK_N)
+        p_ptrs = part_ptr + offs_m.to(tl.int64) * (2 * tiles) + 2 * pid_n
+        tl.store(p_ptrs, mean_t, mask=m_ok)
+        tl.store(p_ptrs + 1, tl.sum(d * d, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _merge_stats_kernel(
+    part_ptr,  # (R, TILES, 2) fp32 per-tile row means and centred sums of squares
+    mean_ptr, rstd_ptr,  # (R,) fp32
+    R, N, TILES, TILE, eps,
+    BLOCK_R: tl.constexpr,
+    TILES_P2: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < R
+    t = tl.arange(0, TILES_P2)
+    t_ok = t < TILES
+    counts = tl.maximum(tl.minimum(TILE, N - t * TILE), 0).to(tl.float32)  # columns per tile
+    mask = r_ok[:, None] & t_ok[None, :]
+    ptrs = part_ptr + rows.to(tl.int64)[:, None] * (2 * TILES) + 2 * t[None, :]
+    mean_t = tl.load(ptrs, mask=mask, other=0.0)
+    m2_t = tl.load(ptrs + 1, mask=mask, other=0.0)
+    mean = tl.sum(mean_t * counts[None, :], axis=1) / N
+    dev = tl.where(mask, mean_t - mean[:, None], 0.0)
+    m2 = tl.sum(m2_t + counts[None, :] * dev * dev, axis=1)  # Chan et al.'s parallel variance
+    tl.store(mean_ptr + rows, mean, mask=r_ok)
+    tl.store(rstd_ptr + rows, 1.0 / tl.sqrt(m2 / N + eps), mask=r_ok)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -207,28 +269,49 @@ def _row_stats_forward(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch
     return mean, rstd
 
 
+def _video_block_m(cfg: _LinearConfig, pixels: int) -> int:
+    """The largest row tile (down to 16) that divides `pixels` and fits the config, or 0 if none does."""
+    block = cfg.block_m
+    while block >= 16 and pixels % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
+def _stats_tiles(dtype: torch.dtype, n: int) -> tuple[int, int]:
+    """(column tiles, tile width) of the per-tile statistics a row-layout linear with N outputs writes."""
+    block_n = _linear_config(dtype, n).block_n
+    return triton.cdiv(n, block_n), block_n
+
+
 def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
-                    rstd: torch.Tensor | None, colsum: torch.Tensor | None,
-                    residual: torch.Tensor | None) -> torch.Tensor:
+                    rstd: torch.Tensor | None, colsum: torch.Tensor | None, residual: torch.Tensor | None,
+                    video_pixels: int = 0, partials: torch.Tensor | None = None) -> torch.Tensor:
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = _rows(x, k, "x")
-    r2 = _rows(residual, n, "residual") if residual is not None else None
-    y = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    r2 = None
+    if residual is not None:
+        r2 = residual if video_pixels else _rows(residual, n, "residual")
+    rows = x2.shape[0]
+    y = torch.empty((rows // video_pixels, n, video_pixels) if video_pixels else (rows, n), dtype=x.dtype,
+                    device=x.device)
     if y.numel():
         cfg = _linear_config(x.dtype, n)
-        grid = (triton.cdiv(x2.shape[0], cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+        block_m = _video_block_m(cfg, video_pixels) if video_pixels else cfg.block_m
+        grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, cfg.block_n),)
         norm = mean is not None
         _linear_kernel[grid](
             x2, weight, bias if bias is not None else weight, mean if norm else weight, rstd if norm else weight,
             colsum if norm else weight, r2 if r2 is not None else weight, y,
-            x2.shape[0], n, k, x2.stride(0), r2.stride(0) if r2 is not None else 0,
-            NORM=norm, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, EVEN_K=k % cfg.block_k == 0,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETED=not x.is_cuda,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            partials if partials is not None else weight,
+            rows, n, k, x2.stride(0), r2.stride(0) if r2 is not None and not video_pixels else 0,
+            NORM=norm, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, VIDEO_P=video_pixels,
+            STATS_OUT=partials is not None,
+            EVEN_K=k % cfg.block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return y.view(*x.shape[:-1], n)
+    return y if video_pixels else y.view(*x.shape[:-1], n)
 
 
 # ----------------------------------------------------------------------------------------------- mode
@@ -313,6 +396,39 @@ def _check_inference(*tensors: torch.Tensor | None) -> None:
                          "linear and residual add when gradients are needed")
 
 
+class RowPartials(NamedTuple):
+    """LayerNorm statistics of a `fused_linear` output's rows, per column tile (`stats_out=True`): each
+    tile's mean and centred sum of squares, (rows, tiles, 2) fp32; `merge_row_stats` gives (mean, rstd)."""
+
+    partials: torch.Tensor
+    width: int  # N, the row length
+    tile: int  # columns per tile (the last may hold fewer)
+
+
+def merge_row_stats(p: RowPartials, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) per row, fp32 (rows,), from a linear's per-tile statistics: as `row_stats` of its output,
+    reading 8 bytes per row and tile instead of the rows."""
+    if p.partials.dim() != 3 or p.partials.shape[2] != 2 or p.partials.dtype != torch.float32:
+        raise ValueError(f"partials must be (rows, tiles, 2) fp32, got {tuple(p.partials.shape)} {p.partials.dtype}")
+    if p.partials.shape[1] != triton.cdiv(p.width, p.tile):
+        raise ValueError(f"{p.partials.shape[1]} tiles do not cover width {p.width} in tiles of {p.tile}")
+    if operator_path():
+        return _merge_op(p.partials, p.width, p.tile, float(eps))
+    return _merge_forward(p.partials, p.width, p.tile, float(eps))
+
+
+def _merge_forward(partials: torch.Tensor, width: int, tile: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, tiles = partials.shape[:2]
+    mean = torch.empty(rows, dtype=torch.float32, device=partials.device)
+    rstd = torch.empty_like(mean)
+    if rows:
+        block_r = 128
+        _merge_stats_kernel[(triton.cdiv(rows, block_r),)](
+            partials.contiguous(), mean, rstd, rows, width, tiles, tile, eps, BLOCK_R=block_r,
+            TILES_P2=triton.next_power_of_2(tiles), num_warps=4)
+    return mean, rstd
+
+
 def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm statistics of each row of x (..., K): mean and 1 / sqrt(biased variance + eps), fp32 (rows,)."""
     _check_rows(x)
@@ -324,10 +440,12 @@ def row_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  stats: tuple[torch.Tensor, torch.Tensor] | None = None, colsum: torch.Tensor | None = None,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, stats_out: bool = False):
     """y = [r * (x @ weight.T - mu * colsum)] + bias + residual, (..., K) -> (..., N) in x's dtype: with
     `stats` = (mu, r) of x's rows and the folded norm's `colsum` the bracket is the LayerNorm folded into the
-    GEMM; without them it is x @ weight.T. fp32 accumulation and epilogue. No autograd."""
+    GEMM; without them it is x @ weight.T. fp32 accumulation and epilogue. With `stats_out` it returns
+    (y, RowPartials): the next LayerNorm's statistics of y from the epilogue (`merge_row_stats`), so no pass
+    over y is needed for them. No autograd."""
     _check_rows(x)
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k or not weight.is_contiguous():
@@ -354,9 +472,47 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                              f"{residual.dtype}")
         _check_rows(residual, "residual")
     _check_inference(x, weight, bias, residual)
+    if stats_out:
+        tiles, tile = _stats_tiles(x.dtype, n)
+        run = _linear_stats_op if operator_path() else _linear_stats
+        y, partials = run(x, weight, bias, mean, rstd, colsum, residual)
+        return y, RowPartials(partials, n, tile)
     if operator_path():
         return _linear_op(x, weight, bias, mean, rstd, colsum, residual)
     return _linear_forward(x, weight, bias, mean, rstd, colsum, residual)
+
+
+def video_layout_ok(pixels: int, dtype: torch.dtype) -> bool:
+    """Whether `linear_to_video_residual` takes images of `pixels` pixels: a multiple of 16 (its row tiles
+    must not straddle two images)."""
+    return pixels > 0 and _video_block_m(_linear_config(dtype, 128), pixels) > 0
+
+
+def linear_to_video_residual(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             x: torch.Tensor) -> torch.Tensor:
+    """x + (t @ weight.T + bias) in x's (B*F, N, H, W) layout, for token rows t (B*F*H*W, K) in (image,
+    pixel) order: a transformer's output projection and its way back to the video layout with the residual
+    add, in one kernel (the projection's token rows are never stored). H*W must be a multiple of 16
+    (`video_layout_ok`). No autograd."""
+    if x.dim() != 4 or not x.is_floating_point() or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous floating-point (B*F, C, H, W) tensor, got {tuple(x.shape)}")
+    bf, c, h, w = x.shape
+    _check_rows(t, "t")
+    if t.dim() != 2 or t.shape[0] != bf * h * w:
+        raise ValueError(f"t must be ({bf * h * w}, K) token rows, got {tuple(t.shape)}")
+    if weight.dim() != 2 or weight.shape != (c, t.shape[1]) or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous ({c}, {t.shape[1]}) matrix, got {tuple(weight.shape)}")
+    if bias is not None and (bias.shape != (c,) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a floating-point ({c},) vector, got {tuple(bias.shape)}")
+    if t.dtype != x.dtype or weight.dtype != x.dtype or any(u is not None and u.device != x.device
+                                                             for u in (t, weight, bias)):
+        raise ValueError("t, weight and x must share dtype and device")
+    if not video_layout_ok(h * w, x.dtype):
+        raise ValueError(f"H*W = {h * w} pixels per image is not a multiple of 16")
+    _check_inference(t, weight, bias, x)
+    if operator_path():
+        return _video_op(t, weight, bias, x)
+    return _linear_video(t, weight, bias, x)
 
 
 def layer_norm_linear(x: torch.Tensor, folded: FoldedNorm,
@@ -391,12 +547,58 @@ def _(x, eps):
     return x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-_linear_op = torch.library.custom_op("pdengine::fused_linear", _linear_forward, mutates_args=())
+def _linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
+                 rstd: torch.Tensor | None, colsum: torch.Tensor | None,
+                 residual: torch.Tensor | None) -> torch.Tensor:
+    return _linear_forward(x, weight, bias, mean, rstd, colsum, residual)
+
+
+def _linear_video(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return _linear_forward(t, weight, bias, None, None, None, x, video_pixels=x.shape[2] * x.shape[3]).view(x.shape)
+
+
+_linear_op = torch.library.custom_op("pdengine::fused_linear", _linear_rows, mutates_args=())
 
 
 @_linear_op.register_fake
 def _(x, weight, bias, mean, rstd, colsum, residual):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
+                  rstd: torch.Tensor | None, colsum: torch.Tensor | None,
+                  residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    tiles, _ = _stats_tiles(x.dtype, weight.shape[0])
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    partials = torch.empty((rows, tiles, 2), dtype=torch.float32, device=x.device)
+    return _linear_forward(x, weight, bias, mean, rstd, colsum, residual, partials=partials), partials
+
+
+_linear_stats_op = torch.library.custom_op("pdengine::fused_linear_stats", _linear_stats, mutates_args=())
+
+
+@_linear_stats_op.register_fake
+def _(x, weight, bias, mean, rstd, colsum, residual):
+    tiles, _ = _stats_tiles(x.dtype, weight.shape[0])
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((rows, tiles, 2), dtype=torch.float32)
+
+
+_merge_op = torch.library.custom_op("pdengine::merge_row_stats", _merge_forward, mutates_args=())
+
+
+@_merge_op.register_fake
+def _(partials, width, tile, eps):
+    rows = partials.shape[0]
+    return partials.new_empty(rows), partials.new_empty(rows)
+
+
+_video_op = torch.library.custom_op("pdengine::linear_to_video_residual", _linear_video, mutates_args=())
+
+
+@_video_op.register_fake
+def _(t, weight, bias, x):
+    return torch.empty_like(x)
 
 
 # ----------------------------------------------------------------------------------------------- compile check
@@ -410,8 +612,10 @@ def _jit(fn):
 
 def compile_specs() -> list[CompileSpec]:
     """The launches at the `pixeldance` widths: row statistics for K = 320 (512-column steps) and 640 / 1280
-    (1024); the linear in bf16 with a folded norm (q/k/v: N = 960, 64-column tiles; N = 1280, 128) and with a
-    residual (output projections: N = 320 and 1280), all K multiples of 64 (EVEN_K); and the fp32 path."""
+    (1024); the linear in bf16 with a folded norm (q/k/v: N = 960, 64-column tiles; N = 1280, 128), with a
+    residual and the next norm's statistics (output projections: N = 320 and 1280), back to the video layout
+    (proj_out at the 32x32 and 8x8 levels: 128- and 64-row tiles), all K multiples of 64 (EVEN_K); the fp32
+    path; and the statistics' merge."""
     specs = []
     for k in (320, 1280):
         block_r, block_k, num_warps = _stats_config(k)
@@ -422,24 +626,38 @@ def compile_specs() -> list[CompileSpec]:
             constexprs={"BLOCK_R": block_r, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=1,
             divisible=("K", "stride_x"),
         ))
-    names = ("NORM", "HAS_BIAS", "HAS_RES", "EVEN_K", "PRECISION", "INTERPRETED", "BLOCK_M", "BLOCK_N", "BLOCK_K",
-             "GROUP_M")
-    variants = (("norm", "bf16", torch.bfloat16, 960, True, False), ("norm", "bf16", torch.bfloat16, 1280, True, False),
-                ("residual", "bf16", torch.bfloat16, 320, False, True),
-                ("residual", "bf16", torch.bfloat16, 1280, False, True),
-                ("norm_residual", "fp32", torch.float32, 320, True, True))
-    for kind, dname, dtype, n, norm, res in variants:
+    specs.append(CompileSpec(
+        name="merge_row_stats", fn=_jit(_merge_stats_kernel),
+        signature={"part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "R": "i32", "N": "i32",
+                   "TILES": "i32", "TILE": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "TILES_P2": "constexpr"},
+        constexprs={"BLOCK_R": 128, "TILES_P2": 16}, num_warps=4, num_stages=1, divisible=("N", "TILE"),
+    ))
+    names = ("NORM", "HAS_BIAS", "HAS_RES", "VIDEO_P", "STATS_OUT", "EVEN_K", "PRECISION", "INTERPRETED", "BLOCK_M",
+             "BLOCK_N", "BLOCK_K", "GROUP_M")
+    # (name, dtype name, dtype, N, folded norm, residual, video pixels, statistics out)
+    variants = (("norm", "bf16", torch.bfloat16, 960, True, False, 0, False),
+                ("norm", "bf16", torch.bfloat16, 1280, True, False, 0, False),
+                ("residual_stats", "bf16", torch.bfloat16, 320, False, True, 0, True),
+                ("residual_stats", "bf16", torch.bfloat16, 1280, False, True, 0, True),
+                ("residual", "bf16", torch.bfloat16, 1280, False, True, 0, False),
+                ("video1024", "bf16", torch.bfloat16, 320, False, True, 1024, False),
+                ("video64", "bf16", torch.bfloat16, 1280, False, True, 64, False),
+                ("norm_residual", "fp32", torch.float32, 320, True, True, 0, True))
+    for kind, dname, dtype, n, norm, res, video, stats in variants:
         cfg = _linear_config(dtype, n)
+        block_m = _video_block_m(cfg, video) if video else cfg.block_m
         ptr = f"*{dname}"
         specs.append(CompileSpec(
             name=f"fused_linear_{kind}_{dname}_n{cfg.block_n}", fn=_jit(_linear_kernel),
             signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm else ptr, "mean_ptr": "*fp32",
-                       "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "r_ptr": ptr, "y_ptr": ptr, "M": "i32", "N": "i32",
+                       "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "r_ptr": ptr, "y_ptr": ptr, "part_ptr": "*fp32",
+                       "M": "i32", "N": "i32",
                        "K": "i32", "stride_x": "i32", "stride_r": "i32", **{c: "constexpr" for c in names}},
-            constexprs={"NORM": norm, "HAS_BIAS": True, "HAS_RES": res, "EVEN_K": True,
+            constexprs={"NORM": norm, "HAS_BIAS": True, "HAS_RES": res, "VIDEO_P": video, "STATS_OUT": stats,
+                        "EVEN_K": True,
                         "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "INTERPRETED": False,
-                        "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
+                        "BLOCK_M": block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=dtype != torch.float32,
-            divisible=("N", "K", "stride_x", "stride_r"),
+            divisible=("M", "N", "K", "stride_x", "stride_r") if video else ("N", "K", "stride_x", "stride_r"),
         ))
     return specs

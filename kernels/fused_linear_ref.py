@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["row_stats_ref", "layer_norm_linear_ref", "linear_residual_ref"]
+__all__ = ["row_stats_ref", "layer_norm_linear_ref", "linear_residual_ref", "linear_to_video_residual_ref"]
 
 
 def row_stats_ref(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,3 +34,12 @@ def linear_residual_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         residual: torch.Tensor) -> torch.Tensor:
     """residual + linear(x) as two eager passes."""
     return residual + F.linear(x, weight, bias)
+
+
+def linear_to_video_residual_ref(t: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 x: torch.Tensor) -> torch.Tensor:
+    """x + linear(t) laid out as x (B*F, C, H, W), for token rows t in (image, pixel) order: the projection,
+    a permute copy and the add, as a transformer's proj_out and residual run eagerly."""
+    bf, c, h, w = x.shape
+    y = F.linear(t, weight, bias).view(bf, h * w, c).permute(0, 2, 1).reshape(bf, c, h, w)
+    return x + y

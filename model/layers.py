@@ -84,6 +84,40 @@ def needs_grad(x: torch.Tensor, module: nn.Module) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
+def fused_transformer_gemms(x: torch.Tensor, module: nn.Module, backend: str) -> bool:
+    """Whether `module` (a transformer or one of its blocks) runs its GEMMs fused with their neighbours
+    (kernels/fused_linear.py): kernels on, `PDENGINE_TRANSFORMER_GEMM=fused`, no gradients, eager (under
+    torch.compile the compiler fuses the norms and residual adds itself, and the folded weights' cache
+    would break its graph)."""
+    if not use_kernels(backend, x) or torch.compiler.is_compiling():
+        return False
+    from pdengine.kernels.fused_linear import transformer_gemm_mode
+
+    return transformer_gemm_mode() == "fused" and not needs_grad(x, module)
+
+
+def _proj_in(module: nn.Module, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """proj_in on token rows t, and in the fused mode also the first block's LayerNorm statistics of its
+    output from the GEMM's epilogue (None otherwise)."""
+    if fused_transformer_gemms(x, module, module.backend):
+        from pdengine.kernels.fused_linear import fused_linear
+
+        return fused_linear(t, module.proj_in.weight, module.proj_in.bias, stats_out=True)
+    return module.proj_in(t), None
+
+
+def _proj_out_residual(module: nn.Module, t: torch.Tensor, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """x + proj_out(t) in x's (B*F, C, H, W) layout for (image, pixel)-ordered token rows t: one fused GEMM
+    in the fused mode (where the image size allows), else proj_out then the layout kernel."""
+    from pdengine.kernels.fused_linear import linear_to_video_residual, video_layout_ok
+    from pdengine.kernels.temporal_attention import tokens_to_video_residual
+
+    proj = module.proj_out
+    if fused_transformer_gemms(x, module, module.backend) and video_layout_ok(x.shape[2] * x.shape[3], x.dtype):
+        return linear_to_video_residual(t, proj.weight, proj.bias, x)
+    return tokens_to_video_residual(proj(t), x, num_frames)
+
+
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, backend: str,
                     shift: torch.Tensor | None = None) -> torch.Tensor:
     """silu(norm(x + shift[:, :, None, None])): one Triton pass with the kernels on when no gradient flows
@@ -276,18 +310,20 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, backend=backend)
         self._self_attn2 = cross_attention_dim is None
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, partials: Any = None) -> torch.Tensor:
+        """`partials`: in the fused mode, x's LayerNorm statistics from the GEMM that wrote it
+        (`fused_linear.RowPartials`), else they are computed from x."""
         if self._fused_inference(x):
-            return self._forward_fused(x, context)
+            return self._forward_fused(x, context, partials=partials)
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
-    def forward_frames(self, t: torch.Tensor, num_frames: int, pixels: int) -> torch.Tensor:
+    def forward_frames(self, t: torch.Tensor, num_frames: int, pixels: int, partials: Any = None) -> torch.Tensor:
         """The temporal block on token rows (N, dim) in (b, f, p) order, attention by the Triton kernel:
         q/k/v come from one fused projection GEMM and the kernel reads them in place (no permutes)."""
         if self._fused_inference(t):
-            return self._forward_fused(t, None, (num_frames, pixels))
+            return self._forward_fused(t, None, (num_frames, pixels), partials)
         t = t + _kernel_self_attention(self.attn1, self.norm1(t), num_frames, pixels)
         t = t + _kernel_self_attention(self.attn2, self.norm2(t), num_frames, pixels)
         return t + self.ff(self.norm3(t))
@@ -295,15 +331,7 @@ class TransformerBlock(nn.Module):
     # -- inference with the transformer GEMMs fused (`PDENGINE_TRANSFORMER_GEMM=fused`) ----------------------
 
     def _fused_inference(self, x: torch.Tensor) -> bool:
-        """Kernels on, the fused mode, no gradients, eager (under torch.compile the compiler fuses the norms
-        and residual adds itself, and the folded weights' cache would break its graph)."""
-        if not use_kernels(self.ff.backend, x) or torch.compiler.is_compiling():
-            return False
-        from pdengine.kernels.fused_linear import transformer_gemm_mode
-
-        if transformer_gemm_mode() != "fused":
-            return False
-        return not needs_grad(x, self)
+        return fused_transformer_gemms(x, self, self.ff.backend)
 
     def _folds(self) -> dict[str, Any]:
         """Each LayerNorm folded into the projection after it (`fused_linear.fold_layer_norm`): computed once
@@ -330,26 +358,30 @@ class TransformerBlock(nn.Module):
         self._fold_cache = (key, folds)
         return folds
 
-    def _forward_fused(self, x: torch.Tensor, context: torch.Tensor | None,
-                       frames: tuple[int, int] | None = None) -> torch.Tensor:
-        """The block with each LayerNorm folded into the projection after it and each residual add in the
-        output projection's epilogue (kernels/fused_linear.py), the feed-forward's projection and gate in one
-        kernel: the norms' outputs, the projections' outputs before the residual and the feed-forward's
-        projection never reach memory. `frames` = (num_frames, pixels): token rows for the temporal attention
-        kernel; otherwise (n, L, dim) sequences through SDPA."""
-        from pdengine.kernels.fused_linear import fused_linear, layer_norm_linear, row_stats
+    def _forward_fused(self, x: torch.Tensor, context: torch.Tensor | None, frames: tuple[int, int] | None = None,
+                       partials: Any = None) -> torch.Tensor:
+        """The block with each LayerNorm folded into the projection after it (its statistics from the
+        epilogue of the GEMM before it), each residual add in the output projection's epilogue
+        (kernels/fused_linear.py), the feed-forward's projection and gate in one kernel: the norms' outputs,
+        the projections' outputs before the residual and the feed-forward's projection never reach memory,
+        and the rows are never re-read for statistics. `frames` = (num_frames, pixels): token rows for the
+        temporal attention kernel; otherwise (n, L, dim) sequences through SDPA."""
+        from pdengine.kernels.fused_linear import fused_linear, layer_norm_linear, merge_row_stats, row_stats
         from pdengine.kernels.geglu import ff_geglu
 
         folds = self._folds()
-        for attn, name in ((self.attn1, "attn1"), (self.attn2, "attn2")):
+        eps = folds["attn1"].eps
+        stats = merge_row_stats(partials, eps) if partials is not None else row_stats(x, eps)
+        for attn, name, following in ((self.attn1, "attn1", "attn2"), (self.attn2, "attn2", "ff")):
             if name == "attn1" or self._self_attn2:
-                o = _attend_packed(attn, layer_norm_linear(x, folds[name]), frames)
+                o = _attend_packed(attn, layer_norm_linear(x, folds[name], stats), frames)
             else:
-                q = layer_norm_linear(x, folds[name])
+                q = layer_norm_linear(x, folds[name], stats)
                 o = _sdpa(attn, q, attn.to_k(context), attn.to_v(context))
-            x = fused_linear(o, attn.to_out[0].weight, attn.to_out[0].bias, residual=x)
+            x, partials = fused_linear(o, attn.to_out[0].weight, attn.to_out[0].bias, residual=x, stats_out=True)
+            stats = merge_row_stats(partials, folds[following].eps)
         ff = folds["ff"]
-        h = ff_geglu(x, ff.weight, ff.bias, stats=row_stats(x, ff.eps), colsum=ff.colsum)
+        h = ff_geglu(x, ff.weight, ff.bias, stats=stats, colsum=ff.colsum)
         return fused_linear(h, self.ff.net[2].weight, self.ff.net[2].bias, residual=x)
 
 
@@ -398,18 +430,16 @@ class SpatialTransformer(_BackendSwitch, nn.Module):
         if use_kernels(self.backend, x):
             # The temporal transformer's layout kernels with one frame per "video": the per-image GroupNorm
             # writes token rows directly, and the way back is fused with the residual add (no permute copies).
-            from pdengine.kernels.temporal_attention import (
-                tokens_to_video_residual,
-                video_group_norm_to_tokens,
-            )
+            from pdengine.kernels.temporal_attention import video_group_norm_to_tokens
 
             x = x.contiguous()
             t = video_group_norm_to_tokens(x, 1, self.norm.weight, self.norm.bias, self.norm.num_groups,
                                            self.norm.eps)
-            t = self.proj_in(t).view(bf, h * w, -1)
+            t, partials = _proj_in(self, t, x)
+            t = t.view(bf, h * w, -1)
             for block in self.transformer_blocks:
-                t = block(t, context)
-            return tokens_to_video_residual(self.proj_out(t).view(bf * h * w, c), x, 1)
+                t, partials = block(t, context, partials), None
+            return _proj_out_residual(self, t.view(bf * h * w, -1), x, 1)
         t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
@@ -466,15 +496,15 @@ class TemporalTransformer(_BackendSwitch, nn.Module):
         # Tokens stay in (b, f, p) row order from proj_in to proj_out: the projections are plain GEMMs and
         # the attention kernel walks frames with a stride of H*W rows, so the (b p) f permutes vanish. The
         # GroupNorm writes tokens directly, and the way back is fused with the residual add.
-        from pdengine.kernels.temporal_attention import tokens_to_video_residual, video_group_norm_to_tokens
+        from pdengine.kernels.temporal_attention import video_group_norm_to_tokens
 
         bf, c, h, w = x.shape
         t = video_group_norm_to_tokens(x, num_frames, self.norm.weight, self.norm.bias, self.norm.num_groups,
                                        self.norm.eps)
-        t = self.proj_in(t)
+        t, partials = _proj_in(self, t, x)
         for block in self.transformer_blocks:
-            t = block.forward_frames(t, num_frames, h * w)
-        return tokens_to_video_residual(self.proj_out(t), x, num_frames)
+            t, partials = block.forward_frames(t, num_frames, h * w, partials), None
+        return _proj_out_residual(self, t, x, num_frames)
 
 
 class Downsample2D(nn.Module):

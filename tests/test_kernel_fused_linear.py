@@ -18,9 +18,12 @@ from pdengine.kernels.fused_linear import (
     fold_layer_norm,
     fused_linear,
     layer_norm_linear,
+    linear_to_video_residual,
+    merge_row_stats,
     modeled_bytes,
     row_stats,
     transformer_gemm,
+    video_layout_ok,
 )
 from pdengine.kernels.geglu import ff_geglu
 from pdengine.kernels.geglu_ref import geglu_ref
@@ -92,6 +95,54 @@ def test_row_strided_inputs_are_read_in_place():
     got = fused_linear(wide_x, folded.weight, folded.bias, stats=row_stats(wide_x, 1e-5), colsum=folded.colsum,
                        residual=wide_r)
     assert_close(got, res + ref.layer_norm_linear_ref(x, gamma, beta, 1e-5, w, b), name="row-strided linear")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m_shape, n", [((37,), 24), ((2, 50), 200), ((3,), 130)])
+def test_statistics_from_the_epilogue(dtype, m_shape, n):
+    """`stats_out`: the output rows' LayerNorm statistics from the GEMM's epilogue (per column tile, merged in
+    a fixed order) equal `row_stats` of the output as stored; N not a multiple of the tile (one to four tiles),
+    a residual with a large mean (the per-tile centring keeps the variance exact)."""
+    x = _t((*m_shape, 48), seed=34).to(dtype)
+    w = (_t((n, 48), seed=35) * 48 ** -0.5).to(dtype)
+    res = _t((*m_shape, n), seed=36, shift=40.0).to(dtype)
+    y, partials = fused_linear(x, w, None, residual=res, stats_out=True)
+    assert_close(y, fused_linear(x, w, None, residual=res), name="output unchanged", dtype=dtype)
+    mean, rstd = merge_row_stats(partials, 1e-5)
+    mean_ref, rstd_ref = ref.row_stats_ref(y, 1e-5)
+    assert_close(mean, mean_ref, name="mean")
+    assert_close(rstd, rstd_ref, name="rstd", scale=10.0)
+    with pytest.raises(ValueError, match="tiles do not cover"):
+        merge_row_stats(partials._replace(width=n + 200), 1e-5)
+
+
+@pytest.mark.parametrize("bf, hw, k, c", [(3, (4, 4), 24, 20), (2, (4, 8), 40, 64), (2, (8, 8), 64, 70),
+                                         (1, (16, 12), 32, 16)])
+def test_linear_to_video_residual(bf, hw, k, c):
+    """proj_out + the way back to the (B*F, C, H, W) layout + the residual in one GEMM: images of 16, 32, 64
+    and 192 pixels (row tiles of 16 to 64 that never straddle two images), odd channel counts."""
+    h, w = hw
+    t = _t((bf * h * w, k), seed=30)
+    x = _t((bf, c, h, w), seed=31)
+    wgt, b = _t((c, k), seed=32) * k ** -0.5, 0.2 * _t((c,), seed=33)
+    want = ref.linear_to_video_residual_ref(t, wgt, b, x)
+    assert_close(linear_to_video_residual(t, wgt, b, x), want, name="to video")
+    assert_close(linear_to_video_residual(t, wgt, None, x), ref.linear_to_video_residual_ref(t, wgt, None, x),
+                 name="to video, no bias")
+    lp = [u.bfloat16() for u in (t, wgt, b, x)]
+    assert_low_precision_close(linear_to_video_residual(*lp), ref.linear_to_video_residual_ref(*lp), want,
+                               name="to video bf16")
+
+
+def test_linear_to_video_needs_whole_row_tiles_per_image():
+    assert video_layout_ok(16, torch.bfloat16) and video_layout_ok(1024, torch.float32)
+    assert not video_layout_ok(24, torch.bfloat16) and not video_layout_ok(8, torch.float32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        linear_to_video_residual(_t((2 * 24, 8)), _t((4, 8)), None, _t((2, 4, 4, 6)))
+    with pytest.raises(ValueError, match="token rows"):
+        linear_to_video_residual(_t((5, 8)), _t((4, 8)), None, _t((2, 4, 4, 4)))
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_to_video_residual(_t((32, 8)), _t((5, 8)), None, _t((2, 4, 4, 4)))
 
 
 def test_low_precision():
@@ -242,8 +293,41 @@ def test_transformer_blocks_fused_mode_equal_the_pytorch_path():
     assert_close(xf.grad, xs.grad, name="training keeps the unfused path", scale=2.0)
 
 
+@pytest.mark.parametrize("temporal", [False, True])
+def test_transformers_fused_mode_equal_the_pytorch_path(temporal):
+    """Whole spatial and temporal transformers in the fused mode at inference (16-pixel images: proj_out goes
+    straight back to the video layout with the residual) equal the PyTorch path, with fewer ops and bytes than
+    the kernels' unfused path."""
+    from pdengine.model.layers import SpatialTransformer, TemporalTransformer
+
+    torch.manual_seed(0)
+
+    def make(backend):
+        m = TemporalTransformer(32, 2, 16, 8, backend=backend) if temporal else \
+            SpatialTransformer(32, 2, 16, 8, 12, backend=backend)
+        return m.eval()
+
+    slow, fast = make("torch"), make("triton")
+    with torch.no_grad():
+        for prm in slow.parameters():
+            prm.add_(0.1 * torch.randn_like(prm))
+    fast.load_state_dict(slow.state_dict())
+    x = _t((2 * 3, 32, 4, 4), seed=40)
+    args = (3,) if temporal else (_t((6, 5, 12), seed=41),)
+    with transformer_gemm("fused"), torch.no_grad():
+        assert_close(fast(x, *args), slow(x, *args), name="fused transformer", scale=2.0)
+    meta = make("triton").to("meta")
+    margs = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+    counts = {}
+    for mode in ("fused", "cublas"):
+        with transformer_gemm(mode), torch.no_grad(), as_operators():
+            meta(x.to("meta"), *margs)  # the folded weights, once
+            counts[mode] = count_bytes(meta, x.to("meta"), *margs)
+    assert counts["fused"][0] < counts["cublas"][0] and counts["fused"][1] < counts["cublas"][1]
+
+
 def test_compile_specs_no_spills():
-    assert_compiles_clean(compile_specs(), 7)
+    assert_compiles_clean(compile_specs(), 11)
 
 
 @pytest.mark.gpu
