@@ -639,40 +639,41 @@ def _fl_res_compile(s: dict[str, Any]) -> Workload:
 
 def _group_norm_silu_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) -> list[Case]:
     """The spatial ResNets' second GroupNorm + SiLU (with the timestep add before it) at each level, on the
-    2 * videos * frames images of the CFG batch, inference (forward only)."""
+    2 * videos * frames images of the CFG batch, forward and backward."""
     cases = []
     for hw, c in levels:
         n = 2 * videos * frames
 
         def make(device: str, dtype: torch.dtype, n=n, c=c, hw=hw) -> dict[str, Any]:
             torch.manual_seed(0)
-            return {"x": torch.randn(n, c, hw, hw, device=device, dtype=dtype),
-                    "w": 1.0 + 0.1 * torch.randn(c, device=device, dtype=dtype),
-                    "b": 0.1 * torch.randn(c, device=device, dtype=dtype),
-                    "shift": torch.randn(n, c, device=device, dtype=dtype)}
+            return {"x": torch.randn(n, c, hw, hw, device=device, dtype=dtype, requires_grad=True),
+                    "w": (1.0 + 0.1 * torch.randn(c, device=device, dtype=dtype)).requires_grad_(),
+                    "b": (0.1 * torch.randn(c, device=device, dtype=dtype)).requires_grad_(),
+                    "shift": torch.randn(n, c, device=device, dtype=dtype, requires_grad=True)}
 
-        def modeled(dtype: torch.dtype, n=n, c=c, hw=hw) -> int:
+        def modeled(dtype: torch.dtype, n=n, c=c, hw=hw) -> Any:
             from pdengine.kernels.group_norm_silu import modeled_bytes
 
-            return modeled_bytes(n, c, hw * hw, dtype, shift=True) + 2 * c * _item(dtype)
+            return _modeled_directions(modeled_bytes, n, c, hw * hw, dtype, shift=True)
 
-        cases.append(Case("group_norm_silu", f"N{n} C{c} {hw}x{hw}", "timestep add + GroupNorm + SiLU", ("fwd",),
-                          make, {"triton": _gns_triton, "torch_ref": _gns_ref, "torch_compile": _gns_compile},
-                          modeled))
+        cases.append(Case("group_norm_silu", f"N{n} C{c} {hw}x{hw}", "timestep add + GroupNorm + SiLU",
+                          DIRECTIONS_WITH_BACKWARD, make,
+                          {"triton": _gns_triton, "torch_ref": _gns_ref, "torch_compile": _gns_compile}, modeled))
     return cases
 
 
 def _gns_triton(s: dict[str, Any]) -> Workload:
     from pdengine.kernels.group_norm_silu import group_norm_silu
 
-    return Workload(lambda: group_norm_silu(s["x"], s["w"], s["b"], GROUPS, 1e-5, s["shift"]))
+    return Workload(lambda: group_norm_silu(s["x"], s["w"], s["b"], GROUPS, 1e-5, s["shift"]),
+                    [s["x"], s["w"], s["b"], s["shift"]])
 
 
 def _gns_ref(s: dict[str, Any], compile: bool = False) -> Workload:
     from pdengine.kernels.group_norm_silu_ref import group_norm_silu_ref
 
     fn = torch.compile(group_norm_silu_ref, dynamic=False) if compile else group_norm_silu_ref
-    return Workload(lambda: fn(s["x"], s["w"], s["b"], GROUPS, 1e-5, s["shift"]))
+    return Workload(lambda: fn(s["x"], s["w"], s["b"], GROUPS, 1e-5, s["shift"]), [s["x"], s["w"], s["b"], s["shift"]])
 
 
 def _gns_compile(s: dict[str, Any]) -> Workload:

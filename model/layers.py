@@ -120,11 +120,9 @@ def _proj_out_residual(module: nn.Module, t: torch.Tensor, x: torch.Tensor, num_
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, backend: str,
                     shift: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(norm(x + shift[:, :, None, None])): one Triton pass with the kernels on when no gradient flows
-    through it (kernels/group_norm_silu.py), the eager ops otherwise."""
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (x, norm.weight, norm.bias, shift))
-    if use_kernels(backend, x) and not grad:
+    """silu(norm(x + shift[:, :, None, None])): one Triton pass each way with the kernels on
+    (kernels/group_norm_silu.py), the eager ops otherwise."""
+    if use_kernels(backend, x):
         from pdengine.kernels.group_norm_silu import group_norm_silu as fused
 
         return fused(x, norm.weight, norm.bias, norm.num_groups, norm.eps, shift)
@@ -135,8 +133,8 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, backend: str,
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, with the timestep embedding added between; 1x1 shortcut when the
-    channel count changes. With the kernels on, at inference each GroupNorm + SiLU (and the timestep add
-    before the second) is one Triton pass."""
+    channel count changes. With the kernels on each GroupNorm + SiLU (and the timestep add before the
+    second) is one Triton pass, forward and backward."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, groups: int, eps: float,
                  output_scale_factor: float = 1.0, backend: str = "torch"):

@@ -168,6 +168,7 @@ def test_triton_backend_trains_under_compile_as_one_graph():
             "pdengine.temporal_attention_qkv.default", "pdengine.temporal_attention_qkv_backward.default",
             "pdengine.video_group_norm_to_tokens.default", "pdengine.video_group_norm_to_tokens_backward.default",
             "pdengine.tokens_to_video_residual.default", "pdengine.video_to_tokens.default",
-            "pdengine.geglu.default", "pdengine.geglu_backward.default"} <= ops
+            "pdengine.geglu.default", "pdengine.geglu_backward.default", "pdengine.group_norm_silu_train.default",
+            "pdengine.group_norm_silu_backward.default"} <= ops
     for name, want in grads["eager"].items():
         assert_close(grads["compiled"][name], want, name=f"compiled grad {name}", scale=3.0)
