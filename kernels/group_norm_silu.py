@@ -93,6 +93,19 @@ def _gn_silu_kernel(
 
 
 @triton.jit
+def _bwd_tile(dy_ptr, x_ptr, base, cs, c_ok, pixels, HW, sh, gamma, beta, mean, rstd):
+    """One (channels x pixels) tile of the backward: offsets, mask, the normalised input and the gradient at
+    the affine's output (dz = dy * silu'(z)), recomputed from x; 0 outside the mask."""
+    mask = c_ok[:, None] & (pixels < HW)[None, :]
+    offs = base + cs[:, None] * HW + pixels[None, :]
+    xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + sh[:, None] - mean) * rstd
+    z = xhat * gamma[:, None] + beta[:, None]
+    sig = 1.0 / (1.0 + tl.exp(-z))
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
+    return offs, mask, xhat, tl.where(mask, dz, 0.0)
+
+
+@triton.jit
 def _gn_silu_bwd_kernel(
     dy_ptr, x_ptr,  # (N, C, H, W) contiguous: the output's gradient, the forward's input
     shift_ptr,  # (N, C) (HAS_SHIFT)
@@ -138,13 +151,7 @@ def _gn_silu_bwd_kernel(
     acc_a = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)  # dz * xhat
     acc_b = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)  # dz
     for h0 in range(0, HW, BLOCK_HW):
-        mask = c_ok[:, None] & (h0 + hw < HW)[None, :]
-        offs = base + cs[:, None] * HW + (h0 + hw)[None, :]
-        xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + sh[:, None] - mean) * rstd
-        z = xhat * gamma[:, None] + beta[:, None]
-        sig = 1.0 / (1.0 + tl.exp(-z))
-        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
-        dz = tl.where(mask, dz, 0.0)
+        offs, mask, xhat, dz = _bwd_tile(dy_ptr, x_ptr, base, cs, c_ok, h0 + hw, HW, sh, gamma, beta, mean, rstd)
         acc_a += dz * xhat
         acc_b += dz
     sum_a = tl.sum(acc_a, axis=1)
@@ -157,12 +164,7 @@ def _gn_silu_bwd_kernel(
     m2 = tl.sum(gamma * sum_a, axis=0) / count
     acc_s = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
     for h0 in range(0, HW, BLOCK_HW):
-        mask = c_ok[:, None] & (h0 + hw < HW)[None, :]
-        offs = base + cs[:, None] * HW + (h0 + hw)[None, :]
-        xhat = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + sh[:, None] - mean) * rstd
-        z = xhat * gamma[:, None] + beta[:, None]
-        sig = 1.0 / (1.0 + tl.exp(-z))
-        dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sig * (1.0 + z * (1.0 - sig))
+        offs, mask, xhat, dz = _bwd_tile(dy_ptr, x_ptr, base, cs, c_ok, h0 + hw, HW, sh, gamma, beta, mean, rstd)
         dv = tl.where(mask, rstd * (gamma[:, None] * dz - m1 - xhat * m2), 0.0)
         tl.store(dx_ptr + offs, _cast(dv, dx_ptr.dtype.element_ty, INTERPRETED), mask=mask)
         acc_s += dv
