@@ -336,13 +336,15 @@ def env_info(device: str = "cpu") -> dict[str, str]:
     }
     if device == "cuda" and triton_version != "not installed":
         from pdengine.kernels import temporal_conv as tc
-        from pdengine.kernels.fused_linear import transformer_gemm_mode
+        from pdengine.kernels.fused_linear import transformer_gemm_for, transformer_gemm_mode
 
         # What the temporal conv runs unless a row forces a GEMM: the mode and this GPU's launch table.
         table = tc.table_for(torch.device("cuda", torch.cuda.current_device()))
         stamp["conv_gemm"] = f"{tc._CONV_GEMM['forward']}/{tc._CONV_GEMM['backward']}"
         stamp["conv_table"] = table.describe() if table is not None else "none (built-in tiles)"
-        stamp["transformer_gemm"] = transformer_gemm_mode()  # the transformers' GEMMs at inference
+        # The transformers' GEMMs at inference unless a row forces them: the setting and what it means here.
+        stamp["transformer_gemm"] = (f"{transformer_gemm_for(torch.device('cuda', torch.cuda.current_device()))} "
+                                     f"({transformer_gemm_mode()})")
     return stamp
 
 

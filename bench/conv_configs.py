@@ -22,7 +22,7 @@ candidates are valid launches, not their speed.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +345,44 @@ def table_from_rows(rows: list[dict[str, Any]], device_name: str,
     return table, extra
 
 
+def measure_transformer_gemm(device: torch.device, cfg: dict | None = None, videos: int = 1, frames: int = FRAMES,
+                             latent: int = 32, timer: Callable[[Callable[[], Any]], float] | None = None,
+                             tolerance: float = 2e-2) -> dict[str, Any]:
+    """How this GPU should run the transformers' GEMMs at inference: one eager UNet call (the `pixeldance`
+    preset, or `cfg`) on the CFG batch of `videos` videos, bf16, with the GEMMs on cuBLAS and fused. The fused
+    output is compared with cuBLAS's first (mean absolute difference over mean magnitude <= `tolerance`); it
+    is chosen only if it matches and is at least 3% faster. Returns the record a launch table keeps
+    ({"choice", "cublas_ms", "fused_ms", "rel_diff", "videos"}). `timer(fn)` gives milliseconds (CUDA events
+    by default)."""
+    from pdengine.kernels.fused_linear import transformer_gemm
+    from pdengine.model import UNet3D, preset_config
+
+    from .common import time_cuda
+
+    cfg = cfg if cfg is not None else preset_config("pixeldance")
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet3D(cfg, backend="triton").to(dt).eval()
+        for p in unet.parameters():  # zero-initialised output layers would make the comparison trivial
+            p.requires_grad_(False)
+            if p.ndim >= 2 and not p.abs().sum():
+                p.normal_(0.0, p[0].numel() ** -0.5)
+        b = 2 * videos
+        x = torch.randn(b, cfg["in_channels"], frames, latent, latent, dtype=dt)
+        t = torch.full((b,), 500)
+        ctx = torch.randn(b, 77, cfg["cross_attention_dim"], dtype=dt)
+    outs, times = {}, {}
+    for mode in ("cublas", "fused"):
+        with transformer_gemm(mode), torch.no_grad():
+            outs[mode] = unet(x, t, ctx).float()
+            times[mode] = (timer or time_cuda)(lambda: unet(x, t, ctx))
+    rel = ((outs["fused"] - outs["cublas"]).abs().mean() / outs["cublas"].abs().mean().clamp_min(1e-12)).item()
+    fused = rel <= tolerance and times["fused"] < 0.97 * times["cublas"]
+    return {"choice": "fused" if fused else "cublas", "cublas_ms": times["cublas"], "fused_ms": times["fused"],
+            "rel_diff": rel, "videos": videos}
+
+
 def tune(quick: bool = False, out: Path | None = None, json_path: Path | None = None):
     """Time the temporal conv's candidates on this GPU (`sweep`) and write the launch table that the engine
     then uses on every GPU of this model: to `out`, by default the user's cache (where the engine looks
@@ -364,12 +402,21 @@ def tune(quick: bool = False, out: Path | None = None, json_path: Path | None = 
     meta.update({"videos": VIDEOS, "frames": FRAMES, "candidates": "quick" if quick else "all"})
     rows: list[dict[str, Any]] = []
     table = extra = None
+    device = torch.device("cuda", torch.cuda.current_device())
+    try:  # first, as it is quick: the transformers' GEMMs, one UNet call each way (built-in conv tiles)
+        with tc.launch_table(None):
+            gemm = measure_transformer_gemm(device)
+    except Exception as e:  # recorded, never fatal: the conv table is measured either way
+        gemm = {"choice": "cublas", "error": f"{type(e).__name__}: {e}"[:500]}
+    torch.cuda.empty_cache()
     for level in LEVELS:  # the table so far is written after each level: a run cut short keeps those
         rows += [{**r, **stamp} for r in sweep("cuda", levels=(level,), quick=quick)]
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps({"rows": rows, "best": best_rows(rows)}, indent=2, default=str) + "\n")
+            json_path.write_text(json.dumps({"rows": rows, "best": best_rows(rows), "transformer_gemm": gemm},
+                                            indent=2, default=str) + "\n")
         table, extra = table_from_rows(rows, name, meta)
+        table.transformer_gemm = gemm
         if table.entries:
             ct.write(table, path, extra)
     if not table.entries:

@@ -7,8 +7,9 @@
 # .whl (git-ignored via .git/info/exclude) with `pip download --no-deps --only-binary=:all:` first.
 # Seen on an H200 (2026-11-30): setup 15 s, tests 40 s, kernels 22 + 23 + 83 (temporal conv) + 40 s, sample
 # batch 1 about 40 s with Triton compiles and graph capture; batch 8 and train did not finish in 100 / 50 s.
-# Stages run in this order: tests, tune (`pdengine tune`: the temporal conv's launch table for this GPU,
-# then used by every later stage: PDENGINE_CONV_TABLE), sample (end to end, and where one UNet call spends
+# Stages run in this order: tests, tune (`pdengine tune`: the temporal conv's launch table for this GPU, and
+# whether the transformers' fused GEMMs beat cuBLAS in one UNet call, then used by every later stage:
+# PDENGINE_CONV_TABLE; `pdengine_graph` rows run that choice, `pdengine_graph_fused_gemm` forces fused), sample (end to end, and where one UNet call spends
 # its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train, compile (ours and
 # diffusers under torch.compile, batch 8). One call may run 600 s at most and a lease is 15 minutes
 # including the machine's start, so plan two calls:

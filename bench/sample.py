@@ -290,10 +290,10 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
     if compiled is not None:
         samplers["graph_compile"] = static_sampler(True, compile_mode)
 
-    def ours_run(which: str, gemm: str = "auto", transformer: str = "cublas"):
+    def ours_run(which: str, gemm: str = "auto", transformer: str = "auto"):
         # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured): "auto"
         # follows the GPU's launch table (`pdengine tune`), as `pdengine generate` does. Likewise the
-        # transformers' GEMMs (`PDENGINE_TRANSFORMER_GEMM`).
+        # transformers' GEMMs (`PDENGINE_TRANSFORMER_GEMM`; the row's env stamp says what "auto" ran).
         with torch.no_grad(), conv_gemm(gemm, "forward"), transformer_gemm(transformer):
             return samplers[which].run(x_t, text, uncond, ours.condition_features(c_first),
                                        ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)

@@ -199,7 +199,9 @@ def tune(quick, out_path, json_path):
 
     At each pixeldance level, times the fused Triton kernels over several tiles and the cuBLAS variant, for
     the conv, its transpose and its weight gradient, each checked against the fp32 reference first; the
-    fastest correct one per kind and shape goes into the table for this GPU model."""
+    fastest correct one per kind and shape goes into the table for this GPU model. First it times one UNet
+    call with the transformers' GEMMs on cuBLAS and fused (outputs compared first) and records which to run
+    here (PDENGINE_TRANSFORMER_GEMM=auto, the default)."""
     from pathlib import Path
 
     from pdengine.bench.conv_configs import tune as run_tune
@@ -214,6 +216,12 @@ def tune(quick, out_path, json_path):
         best = entry.best if entry.best == "cublas" else "triton " + "x".join(map(str, entry.best[:3]))
         gain = f" ({t['builtin_ms'] / t['best_ms']:.2f}x the built-in {t['builtin']})" if t["builtin_ms"] else ""
         click.echo(f"{key[0]:5} {t['shape']}: {best} {t['best_ms']:.4f} ms{gain}")
+    gemm = table.transformer_gemm or {}
+    if "error" in gemm:
+        click.echo(f"transformer GEMMs: not measured ({gemm['error']}): cublas")
+    elif gemm:
+        click.echo(f"transformer GEMMs: {gemm['choice']} (one UNet call: cuBLAS {gemm['cublas_ms']:.2f} ms, fused "
+                   f"{gemm['fused_ms']:.2f} ms, outputs differ by {gemm['rel_diff']:.2e} relative)")
     bad = sum(r["status"] != "ok" for r in rows)
     click.echo(f"{table.describe()}: written to {path}" + (f"; {bad} candidates not ok (see --json)" if bad else ""))
 

@@ -107,7 +107,11 @@ def _transformer_gemm() -> str:
         from pdengine.kernels import fused_linear
     except Exception as e:  # a bad PDENGINE_TRANSFORMER_GEMM or a broken triton: said, not hidden
         return f"unavailable: {type(e).__name__}: {e}"
-    return f"{fused_linear.transformer_gemm_mode()} (PDENGINE_TRANSFORMER_GEMM)"
+    mode = fused_linear.transformer_gemm_mode()
+    if mode == "auto":
+        return ("auto (PDENGINE_TRANSFORMER_GEMM): per GPU, fused where `pdengine tune` found the fused GEMMs "
+                "faster (its launch table records it), else cublas")
+    return f"{mode} (PDENGINE_TRANSFORMER_GEMM)"
 
 
 def _conv_table() -> str:

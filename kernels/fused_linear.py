@@ -14,6 +14,11 @@ Here:
   the epilogue applies r, mu and s; `row_stats` reads x once for (mu, r) (8 bytes per row written). The
   LayerNorm's output is never written: per norm, 1 pass of the rows instead of 3.
   W', b', s are computed once per weight version (`fold_layer_norm`) and held beside the weights.
+- **The norm's statistics from the GEMM before it.** Where the rows x were just written by one of these
+  GEMMs (`stats_out=True`: the output projections with their residual, a transformer's proj_in), its epilogue
+  also writes each tile's row mean and centred sum of squares of the values as stored (8 bytes per row and
+  column tile), and `merge_row_stats` combines them in a fixed order (Chan et al.'s parallel variance:
+  deterministic, and exact like a two-pass variance): no pass over x at all for the statistics.
 - **Residual in the epilogue.** `fused_linear(o, W, b, residual=x)` writes x + o @ W.T + b directly: the
   projection's output is never stored and re-read (2 passes instead of 4 for the output, per block 3 times).
   `linear_to_video_residual` does the same for a transformer's proj_out, storing straight into the
@@ -24,8 +29,9 @@ fp32 accumulation throughout; fp32 operands multiply exactly (the accuracy path)
 tensor cores. No autograd (training keeps the cuBLAS projections, whose backward needs the normalised
 input): inference only, under the switch `transformer_gemm("fused")` / `PDENGINE_TRANSFORMER_GEMM=fused`,
 which also turns on the feed-forward's fused projection + gate (`geglu.ff_geglu`, with the LayerNorm folded
-in the same way). Off by default until a GPU has timed it against cuBLAS (`pdengine info` and the bench rows
-say which mode ran).
+in the same way). The default, "auto", runs it on a GPU whose launch table says `pdengine tune` found it
+faster than cuBLAS there (one UNet call each way, outputs compared first), and cuBLAS otherwise
+(`pdengine info` and the bench rows say which mode ran).
 
 Rows on grid axis 0 (as (row tile, column tile) pairs, GROUP_M row tiles per column tile so a weight tile
 stays in L2), int64 row offsets. Under torch.compile and inside `pdengine.kernels.as_operators()` the entry
@@ -47,9 +53,9 @@ from . import operator_path
 from .compile_check import CompileSpec
 from .temporal_conv import _cast, _dot
 
-__all__ = ["row_stats", "merge_row_stats", "RowPartials", "fused_linear", "layer_norm_linear", "linear_to_video_residual", "video_layout_ok",
-           "fold_layer_norm", "FoldedNorm",
-           "transformer_gemm", "transformer_gemm_mode", "modeled_bytes", "compile_specs"]
+__all__ = ["row_stats", "merge_row_stats", "RowPartials", "fused_linear", "layer_norm_linear",
+           "linear_to_video_residual", "video_layout_ok", "fold_layer_norm", "FoldedNorm", "transformer_gemm",
+           "transformer_gemm_mode", "transformer_gemm_for", "modeled_bytes", "compile_specs"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -316,11 +322,11 @@ def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 # ----------------------------------------------------------------------------------------------- mode
 
-TRANSFORMER_GEMMS = ("cublas", "fused")
+TRANSFORMER_GEMMS = ("auto", "cublas", "fused")
 
 
 def _mode_from_env() -> str:
-    value = os.environ.get("PDENGINE_TRANSFORMER_GEMM", "cublas")
+    value = os.environ.get("PDENGINE_TRANSFORMER_GEMM", "auto")
     if value not in TRANSFORMER_GEMMS:
         raise ValueError(f"PDENGINE_TRANSFORMER_GEMM must be one of {TRANSFORMER_GEMMS}, got {value!r}")
     return value
@@ -330,13 +336,27 @@ _transformer_gemm = _mode_from_env()
 
 
 def transformer_gemm_mode() -> str:
-    """How the UNet's transformer blocks run their GEMMs at inference with the kernels on: "cublas" (the
-    default: cuBLAS projections, eager LayerNorms and residual adds, the `geglu` gate kernel) or "fused"
+    """The setting for how the UNet's transformer blocks run their GEMMs at inference with the kernels on:
+    "cublas" (cuBLAS projections, eager LayerNorms and residual adds, the `geglu` gate kernel), "fused"
     (LayerNorms folded into the projections, residual adds in the output projections' epilogues, the
-    feed-forward's projection and gate in one kernel: `fused_linear`, `geglu.ff_geglu`).
-    `PDENGINE_TRANSFORMER_GEMM` sets it at import; `transformer_gemm(name)` for a block of code. Training
-    always runs the cuBLAS path (its backward needs the normalised inputs and the projections)."""
+    feed-forward's projection and gate in one kernel: `fused_linear`, `geglu.ff_geglu`) or "auto" (the
+    default: what `pdengine tune` measured as faster on this GPU model, recorded in its launch table; cuBLAS
+    without a record). `PDENGINE_TRANSFORMER_GEMM` sets it at import; `transformer_gemm(name)` for a block of
+    code; `transformer_gemm_for(device)` resolves "auto". Training always runs the cuBLAS path (its backward
+    needs the normalised inputs and the projections)."""
     return _transformer_gemm
+
+
+def transformer_gemm_for(device: torch.device) -> str:
+    """"cublas" or "fused" on `device`: the setting, with "auto" resolved from the device's launch table
+    (`temporal_conv.table_for`: the GPU model's table, or `launch_table()`'s); "cublas" without a record."""
+    if _transformer_gemm != "auto":
+        return _transformer_gemm
+    from .temporal_conv import table_for
+
+    table = table_for(device)
+    record = table.transformer_gemm if table is not None else None
+    return record["choice"] if record else "cublas"
 
 
 @contextlib.contextmanager

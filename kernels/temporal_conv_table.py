@@ -11,6 +11,10 @@ num_warps, num_stages, prenorm) or, for wgrad, of `_WgradConfig` (block_o, block
 num_stages; split 0: the built-in rule for the batch at hand). Lookups are exact: a shape or dtype the
 table does not hold runs the built-in tiles (`_gemm_config`, `_dgrad_config`, `_wgrad_config`).
 
+A table may also record, under "transformer_gemm", how this GPU runs the transformers' GEMMs at inference
+(`fused_linear.transformer_gemm_for`): {"choice": "cublas" | "fused", and the timings that chose it}, measured
+by `pdengine tune` on one UNet call each way.
+
 Where the table for a device named N comes from, first found wins:
   1. $PDENGINE_CONV_TABLE: a file (for any device). An unreadable or malformed file is an error.
   2. The user's cache, `$PDENGINE_CACHE or ~/.cache/pdengine` / conv-tables / <slug of N>.json, where
@@ -33,6 +37,7 @@ KINDS = ("fwd", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32")
 CUBLAS = "cublas"
 CUBLAS_IM2COL = "cublas_im2col"  # the single-GEMM cuBLAS variant of the conv and its transpose (fwd, dgrad)
+TRANSFORMER_GEMM_CHOICES = ("cublas", "fused")
 TABLE_ENV = "PDENGINE_CONV_TABLE"
 PACKAGED_DIR = Path(__file__).parent / "conv_tables"
 _GEMM_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm")
@@ -55,13 +60,15 @@ class ConvTable:
     source: str  # where it was read from (a path), or "memory"
     entries: dict[tuple[str, str, int, int, int], Entry]
     meta: dict[str, Any] = field(default_factory=dict)
+    transformer_gemm: dict[str, Any] | None = None  # {"choice": "cublas" | "fused", timings}: see the docstring
 
     def lookup(self, kind: str, dtype: str, c_out: int, c_in: int, hw: int) -> Entry | None:
         return self.entries.get((kind, dtype, c_out, c_in, hw))
 
     def describe(self) -> str:
         versions = ", ".join(f"{k} {self.meta[k]}" for k in ("triton", "torch") if k in self.meta)
-        return f"{len(self.entries)} entries tuned on {self.device} ({self.source}" + \
+        gemm = f", transformer GEMMs: {self.transformer_gemm['choice']}" if self.transformer_gemm else ""
+        return f"{len(self.entries)} entries{gemm} tuned on {self.device} ({self.source}" + \
             (f"; {versions})" if versions else ")")
 
 
@@ -138,7 +145,11 @@ def parse(data: Any, source: str) -> ConvTable:
             raise ValueError(f"{where}: a second entry for {key}")
         entries[key] = Entry(best, triton)
     meta = data.get("meta", {})
-    return ConvTable(data["device"], source, entries, meta if isinstance(meta, dict) else {})
+    gemm = data.get("transformer_gemm")
+    if gemm is not None and (not isinstance(gemm, dict) or gemm.get("choice") not in TRANSFORMER_GEMM_CHOICES):
+        raise ValueError(f"{source}: transformer_gemm must be an object whose choice is one of "
+                         f"{TRANSFORMER_GEMM_CHOICES}, got {gemm!r}")
+    return ConvTable(data["device"], source, entries, meta if isinstance(meta, dict) else {}, gemm)
 
 
 def read(path: Path | str) -> ConvTable:
@@ -158,7 +169,10 @@ def to_json(table: ConvTable, extra: dict[tuple, dict[str, Any]] | None = None) 
                      "best": entry.best if isinstance(entry.best, str) else list(entry.best),
                      "triton": None if entry.triton is None else list(entry.triton),
                      **(extra or {}).get(key, {})})
-    return {"device": table.device, "meta": table.meta, "entries": rows}
+    out = {"device": table.device, "meta": table.meta, "entries": rows}
+    if table.transformer_gemm is not None:
+        out["transformer_gemm"] = table.transformer_gemm
+    return out
 
 
 def write(table: ConvTable, path: Path, extra: dict[tuple, dict[str, Any]] | None = None) -> Path:

@@ -91,9 +91,9 @@ def fused_transformer_gemms(x: torch.Tensor, module: nn.Module, backend: str) ->
     would break its graph)."""
     if not use_kernels(backend, x) or torch.compiler.is_compiling():
         return False
-    from pdengine.kernels.fused_linear import transformer_gemm_mode
+    from pdengine.kernels.fused_linear import transformer_gemm_for
 
-    return transformer_gemm_mode() == "fused" and not needs_grad(x, module)
+    return transformer_gemm_for(x.device) == "fused" and not needs_grad(x, module)
 
 
 def _proj_in(module: nn.Module, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -254,7 +254,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """GEGLU feed-forward with 4x inner width (keys net.0.proj, net.2). With the kernels on, the GEGLU's
     gate runs as one Triton pass over the projection (kernels/geglu.py), or at inference with
-    `PDENGINE_TRANSFORMER_GEMM=fused` fused with the projection in one Triton GEMM."""
+    the transformer GEMMs fused (`PDENGINE_TRANSFORMER_GEMM`) fused with the projection in one Triton GEMM."""
 
     def __init__(self, dim: int, mult: int = 4, backend: str = "torch"):
         super().__init__()
@@ -264,12 +264,12 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_kernels(self.backend, x):
-            from pdengine.kernels.fused_linear import transformer_gemm_mode
+            from pdengine.kernels.fused_linear import transformer_gemm_for
             from pdengine.kernels.geglu import ff_geglu, geglu
 
             proj = self.net[0].proj
             grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-            if transformer_gemm_mode() == "fused" and not grad:
+            if not grad and not torch.compiler.is_compiling() and transformer_gemm_for(x.device) == "fused":
                 x = ff_geglu(x, proj.weight, proj.bias)
             else:
                 x = geglu(proj(x))

@@ -249,9 +249,10 @@ class UNet3D(nn.Module):
             active = "Triton kernels" if on else "PyTorch reference"
             gemms = ""
             if on:
-                from pdengine.kernels.fused_linear import transformer_gemm_mode
+                from pdengine.kernels.fused_linear import transformer_gemm_for, transformer_gemm_mode
 
-                gemms = f"; transformer GEMMs at inference: {transformer_gemm_mode()} (PDENGINE_TRANSFORMER_GEMM)"
+                gemms = (f"; transformer GEMMs at inference: {transformer_gemm_for(sample.device)} "
+                         f"(PDENGINE_TRANSFORMER_GEMM={transformer_gemm_mode()})")
             logger.warning("pdengine UNet3D: backend=%s -> %s for the temporal layers and the transformers' "
                            "norm layout and GEGLU (%s%s)", self._backend, active, sample.device, gemms)
         t = torch.as_tensor(timestep, device=sample.device)

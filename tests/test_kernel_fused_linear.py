@@ -326,6 +326,59 @@ def test_transformers_fused_mode_equal_the_pytorch_path(temporal):
     assert counts["fused"][0] < counts["cublas"][0] and counts["fused"][1] < counts["cublas"][1]
 
 
+def test_auto_mode_follows_the_launch_table():
+    """"auto" (the default) runs the fused GEMMs only where the device's launch table records that `pdengine
+    tune` chose them; without a table or a record, cuBLAS; a forced mode wins over the table."""
+    from pdengine.kernels import temporal_conv as tc
+    from pdengine.kernels import temporal_conv_table as ct
+    from pdengine.kernels.fused_linear import transformer_gemm_for
+
+    cpu = torch.device("cpu")
+    fused = ct.parse({"device": "g", "entries": [], "transformer_gemm": {"choice": "fused"}}, "test")
+    plain = ct.parse({"device": "g", "entries": []}, "test")
+    with transformer_gemm("auto"):
+        assert transformer_gemm_for(cpu) == "cublas"  # no table on the CPU
+        with tc.launch_table(plain):
+            assert transformer_gemm_for(cpu) == "cublas"
+        with tc.launch_table(fused):
+            assert transformer_gemm_for(cpu) == "fused"
+            with transformer_gemm("cublas"):
+                assert transformer_gemm_for(cpu) == "cublas"
+            slow, fast = _block_pair(cross=True)
+            x, ctx = _t((2, 6, 32), seed=50), _t((2, 4, 12), seed=51)
+            with torch.no_grad():
+                fast(x, ctx)
+                assert getattr(fast, "_fold_cache", None) is not None  # the fused path ran
+                assert_close(fast(x, ctx), slow(x, ctx), name="auto -> fused", scale=2.0)
+
+
+def test_tune_measures_the_transformer_gemms_on_a_unet_call():
+    """`pdengine tune`'s choice (run here on a tiny UNet on the CPU with a fake timer): fused only when its output
+    matches cuBLAS's and it is at least 3% faster."""
+    from pdengine.bench.conv_configs import measure_transformer_gemm
+    from pdengine.kernels.fused_linear import transformer_gemm_mode
+
+    cfg = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=["CrossAttnDownBlock3D",
+               "DownBlock3D"], up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8,
+               attention_head_dim=8, cross_attention_dim=16, in_channels=8, out_channels=4)
+    from pdengine.model.config import resolve_config
+
+    cfg = resolve_config(cfg)
+
+    def timer_for(fused_ms):
+        def timer(fn):
+            fn()
+            return fused_ms if transformer_gemm_mode() == "fused" else 10.0
+        return timer
+
+    kwargs = dict(cfg=cfg, frames=2, latent=4)
+    rec = measure_transformer_gemm(torch.device("cpu"), timer=timer_for(9.0), **kwargs)
+    assert rec["choice"] == "fused" and rec["rel_diff"] < 1e-4 and (rec["cublas_ms"], rec["fused_ms"]) == (10.0, 9.0)
+    assert measure_transformer_gemm(torch.device("cpu"), timer=timer_for(9.9), **kwargs)["choice"] == "cublas"
+    rec = measure_transformer_gemm(torch.device("cpu"), timer=timer_for(9.0), tolerance=-1.0, **kwargs)
+    assert rec["choice"] == "cublas"  # outputs "differ": never chosen however fast
+
+
 def test_compile_specs_no_spills():
     assert_compiles_clean(compile_specs(), 11)
 

@@ -56,6 +56,19 @@ def test_round_trip_and_lookup(tmp_path):
     assert ct.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_transformer_gemm_record_round_trip(tmp_path):
+    """A table may record how the GPU runs the transformers' GEMMs; `describe` says so; a bad choice is an
+    error naming the file."""
+    t = table(entry("fwd", "cublas"))
+    t.transformer_gemm = {"choice": "fused", "cublas_ms": 2.0, "fused_ms": 1.5}
+    back = ct.read(ct.write(t, tmp_path / "t.json"))
+    assert back.transformer_gemm == t.transformer_gemm
+    assert "transformer GEMMs: fused" in back.describe()
+    assert ct.read(ct.write(table(entry("fwd", "cublas")), tmp_path / "u.json")).transformer_gemm is None
+    with pytest.raises(ValueError, match="test: transformer_gemm must be"):
+        ct.parse({"device": "g", "entries": [], "transformer_gemm": {"choice": "cudnn"}}, "test")
+
+
 @pytest.mark.parametrize("bad,match", [
     ({"device": "g"}, "list of 'entries'"),
     ({"device": "g", "entries": [entry("conv", "cublas")]}, "kind must be one of"),
@@ -278,10 +291,13 @@ def test_tune_writes_the_table_level_by_level(monkeypatch, tmp_path):
             [_row("fwd", TILE, 2.0, default=True, c=c, hw=side * side)]
 
     monkeypatch.setattr(CC, "sweep", fake_sweep)
+    record = {"choice": "fused", "cublas_ms": 3.0, "fused_ms": 2.0, "rel_diff": 1e-3, "videos": 1}
+    monkeypatch.setattr(CC, "measure_transformer_gemm", lambda device: record)
     with pytest.raises(KeyboardInterrupt):
         CC.tune(quick=True)
     saved = ct.read(ct.user_path("Fake GPU"))
     assert saved.device == "Fake GPU" and saved.meta["triton"] == "3.6.0"
+    assert saved.transformer_gemm == record  # measured first, kept with every level's write
     assert {k[2:] for k in saved.entries} == {(320, 320, 1024), (640, 640, 256)}
     levels_done.clear()
     monkeypatch.setattr(CC, "sweep", lambda device, levels, quick: [
@@ -291,3 +307,12 @@ def test_tune_writes_the_table_level_by_level(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert len(ct.read(out).entries) == 3 * len(CC.LEVELS)
     assert "fwd   C320 1024: cublas 1.0000 ms" in res.output and f"written to {out}" in res.output
+    assert "transformer GEMMs: fused (one UNet call: cuBLAS 3.00 ms, fused 2.00 ms" in res.output
+
+    def broken(device):
+        raise RuntimeError("no memory")
+
+    monkeypatch.setattr(CC, "measure_transformer_gemm", broken)
+    res = CliRunner().invoke(main, ["tune", "--quick", "--out", str(out)])
+    assert res.exit_code == 0 and "transformer GEMMs: not measured (RuntimeError: no memory): cublas" in res.output
+    assert ct.read(out).transformer_gemm["choice"] == "cublas"
