@@ -13,7 +13,7 @@
 # its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train, compile (ours and
 # diffusers under torch.compile, batch 8). One call may run 600 s at most and a lease is 15 minutes
 # including the machine's start, so plan two calls:
-#   1. STAGES="tests tune sample" T_SAMPLE=250   (limits 150 + 150 + 250 s)
+#   1. STAGES="tests tune sample" T_SAMPLE=250   (limits 120 + 180 + 250 s)
 #   2. at once, while the machine is warm, after copying call 1's table to kernels/conv_tables/<gpu>.json
 #      ($OUT is emptied between calls): STAGES="kernels train compile" FAMILIES="temporal_conv temporal_attention"
 #      T_KERNELS=70   (limits 140 + 180 + 240 s)
@@ -56,7 +56,7 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
 stage gpu tests
-on tests && timeout "${T_TESTS:-150}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
+on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_kernel_geglu.py \
   tests/test_kernel_fused_linear.py tests/test_kernel_group_norm_silu.py tests/test_schedulers.py \
   tests/test_pipeline.py \
@@ -66,7 +66,7 @@ on tests && timeout "${T_TESTS:-150}" python3 -m pytest -m gpu -v -rs -p no:cach
 # stage of this call; copy it to kernels/conv_tables/<gpu>.json to ship it (and to use it in the next call).
 TABLE=$R/cuda-conv-table-$SHA.json
 on tune && stage tune &&
-timeout "${T_TUNE:-150}" "${PD[@]}" tune $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) --out "$TABLE" \
+timeout "${T_TUNE:-180}" "${PD[@]}" tune $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) --out "$TABLE" \
   --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 [ -s "$TABLE" ] && export PDENGINE_CONV_TABLE=$TABLE && echo "PDENGINE_CONV_TABLE=$TABLE" | tee -a "$LOG"
 "${PD[@]}" info 2>&1 | grep -i "temporal conv" | tee -a "$LOG"

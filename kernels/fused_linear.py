@@ -634,8 +634,8 @@ def compile_specs() -> list[CompileSpec]:
     """The launches at the `pixeldance` widths: row statistics for K = 320 (512-column steps) and 640 / 1280
     (1024); the linear in bf16 with a folded norm (q/k/v: N = 960, 64-column tiles; N = 1280, 128), with a
     residual and the next norm's statistics (output projections: N = 320 and 1280), back to the video layout
-    (proj_out at the 32x32 and 8x8 levels: 128- and 64-row tiles), all K multiples of 64 (EVEN_K); the fp32
-    path; and the statistics' merge."""
+    (proj_out at the 32x32, 8x8 and 4x4 levels: 128-, 64- and 16-row tiles), all K multiples of 64 (EVEN_K);
+    the fp32 path; and the statistics' merge."""
     specs = []
     for k in (320, 1280):
         block_r, block_k, num_warps = _stats_config(k)
@@ -662,6 +662,7 @@ def compile_specs() -> list[CompileSpec]:
                 ("residual", "bf16", torch.bfloat16, 1280, False, True, 0, False),
                 ("video1024", "bf16", torch.bfloat16, 320, False, True, 1024, False),
                 ("video64", "bf16", torch.bfloat16, 1280, False, True, 64, False),
+                ("video16", "bf16", torch.bfloat16, 1280, False, True, 16, False),
                 ("norm_residual", "fp32", torch.float32, 320, True, True, 0, True))
     for kind, dname, dtype, n, norm, res, video, stats in variants:
         cfg = _linear_config(dtype, n)

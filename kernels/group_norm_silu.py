@@ -1,4 +1,4 @@
-"""GroupNorm + SiLU of the spatial ResNets (and the UNet's output norm) in one kernel, for inference, with the
+"""GroupNorm + SiLU of the spatial ResNets (and the UNet's output norm) in one kernel each way, with the
 timestep embedding's per-channel add folded in.
 
 In the (N, C, H, W) layout the channels of one group of one image are one contiguous block of

@@ -353,34 +353,25 @@ def test_auto_mode_follows_the_launch_table():
 
 
 def test_tune_measures_the_transformer_gemms_on_a_unet_call():
-    """`pdengine tune`'s choice (run here on a tiny UNet on the CPU with a fake timer): fused only when its output
-    matches cuBLAS's and it is at least 3% faster."""
-    from pdengine.bench.conv_configs import measure_transformer_gemm
+    """`pdengine tune`'s measurement (run here on a tiny UNet on the CPU with a fake timer): one call each way,
+    each mode timed under its own setting, the outputs compared; fused chosen only when its output matches
+    cuBLAS's and it is at least 3% faster."""
+    from pdengine.bench.conv_configs import choose_transformer_gemm, measure_transformer_gemm
     from pdengine.kernels.fused_linear import transformer_gemm_mode
-
-    cfg = dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=["CrossAttnDownBlock3D",
-               "DownBlock3D"], up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8,
-               attention_head_dim=8, cross_attention_dim=16, in_channels=8, out_channels=4)
     from pdengine.model.config import resolve_config
 
-    cfg = resolve_config(cfg)
-
-    def timer_for(fused_ms):
-        def timer(fn):
-            fn()
-            return fused_ms if transformer_gemm_mode() == "fused" else 10.0
-        return timer
-
-    kwargs = dict(cfg=cfg, frames=2, latent=4)
-    rec = measure_transformer_gemm(torch.device("cpu"), timer=timer_for(9.0), **kwargs)
+    cfg = resolve_config(dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=[
+        "CrossAttnDownBlock3D", "DownBlock3D"], up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8,
+        attention_head_dim=8, cross_attention_dim=16, in_channels=8, out_channels=4))
+    rec = measure_transformer_gemm(torch.device("cpu"), cfg=cfg, frames=2, latent=4,
+                                   timer=lambda fn: 9.0 if transformer_gemm_mode() == "fused" else 10.0)
     assert rec["choice"] == "fused" and rec["rel_diff"] < 1e-4 and (rec["cublas_ms"], rec["fused_ms"]) == (10.0, 9.0)
-    assert measure_transformer_gemm(torch.device("cpu"), timer=timer_for(9.9), **kwargs)["choice"] == "cublas"
-    rec = measure_transformer_gemm(torch.device("cpu"), timer=timer_for(9.0), tolerance=-1.0, **kwargs)
-    assert rec["choice"] == "cublas"  # outputs "differ": never chosen however fast
+    assert choose_transformer_gemm(1e-3, 10.0, 9.9) == "cublas"  # under 3% faster: not worth a second path
+    assert choose_transformer_gemm(0.5, 10.0, 5.0) == "cublas"  # outputs differ: never chosen however fast
 
 
 def test_compile_specs_no_spills():
-    assert_compiles_clean(compile_specs(), 11)
+    assert_compiles_clean(compile_specs(), 12)
 
 
 @pytest.mark.gpu
