@@ -69,10 +69,14 @@ def _quiet_libraries() -> None:
 @click.option("--compile", "compile_unet", is_flag=True,
               help="torch.compile (Inductor) the UNet of the static CUDA sampler before capture (the first batch "
                    "pays the compile time).")
+@click.option("--transformer-gemm", type=click.Choice(["auto", "cublas", "fused"]),
+              help="The transformers' GEMMs with the kernels on: cuBLAS, fused with their norms and residual adds "
+                   "(Triton), or auto (what `pdengine tune` measured faster on this GPU; cuBLAS untuned).  "
+                   "[default: $PDENGINE_TRANSFORMER_GEMM, else auto]")
 @click.option("--resume", is_flag=True, help="Skip videos already in --out's manifest (same prompts and seeds).")
 def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size, height, width, steps,
              sampler, eta, guidance, tau, seed, batch_size, clips, fps, fmt, out_dir, device, dtype,
-             t2i_model, backend, no_cuda_graph, compile_unet, resume):
+             t2i_model, backend, no_cuda_graph, compile_unet, transformer_gemm, resume):
     """Sample PixelDance videos from text + first frame (+ optional last frame)."""
     from pathlib import Path
 
@@ -105,10 +109,24 @@ def generate(prompt, prompts_file, model, first_frame, last_frame, frames, size,
                           batch_size=batch_size, clips=clips, fps=fps, fmt=fmt, device=device, dtype=dtype,
                           t2i_model=t2i_model, backend=backend, cuda_graph=not no_cuda_graph,
                           compile=compile_unet)
-        records = run_generate(job, resume=resume)
+        with _transformer_gemm_setting(transformer_gemm):
+            records = run_generate(job, resume=resume)
     except (GenerateError, PromptFileError, MediaError, ModelFolderError) as e:
         _fail(e)
     click.echo(f"{len(records)} video(s) in {out_dir} (manifest: {Path(out_dir) / 'manifest.jsonl'})")
+
+
+def _transformer_gemm_setting(value: str | None):
+    """A with-block under `--transformer-gemm` (none: the environment's setting)."""
+    import contextlib
+
+    if value is None:
+        return contextlib.nullcontext()
+    try:
+        from pdengine.kernels.fused_linear import transformer_gemm
+    except ImportError as e:
+        _fail(f"--transformer-gemm needs the Triton kernels, which cannot be imported here: {e}")
+    return transformer_gemm(value)
 
 
 @main.command(context_settings=CONTEXT)

@@ -99,6 +99,20 @@ def test_tiny_random_says_it_is_noise(tmp_path):
     assert row["compiled"] is False
 
 
+def test_generate_transformer_gemm_option_sets_the_mode_for_the_run(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`--transformer-gemm` holds for the whole run (and only for it); without it the environment's setting."""
+    import pdengine.engine.generate as gen
+    from pdengine.kernels.fused_linear import transformer_gemm_mode
+
+    seen = []
+    monkeypatch.setattr(gen, "run_generate", lambda job, resume: seen.append(transformer_gemm_mode()) or [])
+    for extra in (["--transformer-gemm", "fused"], []):
+        run("generate", "a prompt", "--model", tiny_pipeline_dir, "--out", tmp_path / "o", *extra)
+    assert seen == ["fused", "auto"] and transformer_gemm_mode() == "auto"
+    result = run("generate", "a prompt", "--model", tiny_pipeline_dir, "--transformer-gemm", "cudnn", ok=False)
+    assert result.exit_code != 0 and "cudnn" in result.output
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
