@@ -100,6 +100,6 @@ for line in sys.stdin:
     r = json.loads(line[4:]); keys = ("kernel", "bench", "provider", "direction", "shape", "batch", "status", "median_ms",
         "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers", "kind", "config", "tflops",
         "unet_call_ms", "ms_temporal_conv", "ms_temporal_attention", "ms_spatial_resnet", "ms_spatial_attention",
-        "ms_resample", "ms_other", "ms_per_video")
+        "ms_resample", "ms_other", "ms_per_video", "transformer_gemm")
     print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r))'
 
