@@ -145,6 +145,14 @@ def _compile_here(spec: CompileSpec, arch: int) -> CompileReport:
     )
 
 
+def jit_function(fn: Any) -> Any:
+    """The compilable JITFunction behind a kernel, for a `CompileSpec`: under TRITON_INTERPRET=1 (CPU tests)
+    `@triton.jit` gives an InterpretedFunction, which `triton.compile` cannot take."""
+    import triton
+
+    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
+
+
 def _module_of(spec: CompileSpec) -> str:
     return getattr(spec.fn, "fn", spec.fn).__module__
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .compile_check import CompileSpec
+from .compile_check import CompileSpec, jit_function
 from .concat_cond_ref import (
     alloc_unet_input,
     check_concat_inputs,
@@ -269,11 +269,6 @@ def modeled_bytes(shape: tuple[int, int, int, int, int], dtype: torch.dtype = to
 # ----------------------------------------------------------------------------------------------- compile check
 
 
-def _jit(fn):
-    """The compilable JITFunction behind a kernel: under TRITON_INTERPRET=1 (CPU tests) `@triton.jit` gives an
-    InterpretedFunction, which `triton.compile` cannot take."""
-    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
-
 
 def _signature(ptr: str, keep: str, idx: str) -> dict[str, str]:
     sig = {"out_ptr": ptr, "z_ptr": ptr, "noise_ptr": ptr, "first_ptr": ptr, "last_ptr": ptr,
@@ -305,7 +300,7 @@ def compile_specs() -> list[CompileSpec]:
     for name, ptr, keep, repeat, train, pf, pl in configs:
         specs.append(CompileSpec(
             name=f"concat_cond_{name}",
-            fn=_jit(_concat_cond_kernel),
+            fn=jit_function(_concat_cond_kernel),
             signature=_signature(ptr, keep, "*i64"),
             constexprs={"REPEAT": repeat, "TRAIN": train, "HAS_FIRST": True, "HAS_LAST": True,
                         "HAS_KEEP": True, "PERTURB_FIRST": pf, "PERTURB_LAST": pl, "HW_FLAT": True, "BLOCK": block},

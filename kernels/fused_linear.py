@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from . import operator_path
-from .compile_check import CompileSpec
+from .compile_check import CompileSpec, jit_function
 from .temporal_conv import _cast, _dot
 
 __all__ = ["row_stats", "merge_row_stats", "RowPartials", "fused_linear", "layer_norm_linear",
@@ -258,8 +258,8 @@ def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
     except RuntimeError:
         rows = None
     if rows is None or (rows.numel() and rows.stride(1) != 1):
-        raise ValueError(f"{name} must collapse into (rows, {width}) without a copy, with unit last-dim stride; got "
-                         f"shape {tuple(t.shape)} strides {t.stride()}")
+        raise ValueError(f"{name}'s leading dims must collapse into rows without a copy, with unit last-dim stride; "
+                         f"got shape {tuple(t.shape)} strides {t.stride()}")
     return rows
 
 
@@ -624,11 +624,6 @@ def _(t, weight, bias, x):
 # ----------------------------------------------------------------------------------------------- compile check
 
 
-def _jit(fn):
-    """The compilable JITFunction behind a kernel (under TRITON_INTERPRET=1 `@triton.jit` gives an
-    InterpretedFunction, which `triton.compile` cannot take)."""
-    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
-
 
 def compile_specs() -> list[CompileSpec]:
     """The launches at the `pixeldance` widths: row statistics for K = 320 (512-column steps) and 640 / 1280
@@ -640,14 +635,14 @@ def compile_specs() -> list[CompileSpec]:
     for k in (320, 1280):
         block_r, block_k, num_warps = _stats_config(k)
         specs.append(CompileSpec(
-            name=f"row_stats_bf16_k{block_k}", fn=_jit(_row_stats_kernel),
+            name=f"row_stats_bf16_k{block_k}", fn=jit_function(_row_stats_kernel),
             signature={"x_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "R": "i32", "K": "i32",
                        "stride_x": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
             constexprs={"BLOCK_R": block_r, "BLOCK_K": block_k}, num_warps=num_warps, num_stages=1,
             divisible=("K", "stride_x"),
         ))
     specs.append(CompileSpec(
-        name="merge_row_stats", fn=_jit(_merge_stats_kernel),
+        name="merge_row_stats", fn=jit_function(_merge_stats_kernel),
         signature={"part_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "R": "i32", "N": "i32",
                    "TILES": "i32", "TILE": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "TILES_P2": "constexpr"},
         constexprs={"BLOCK_R": 128, "TILES_P2": 16}, num_warps=4, num_stages=1, divisible=("N", "TILE"),
@@ -669,7 +664,7 @@ def compile_specs() -> list[CompileSpec]:
         block_m = _video_block_m(cfg, video) if video else cfg.block_m
         ptr = f"*{dname}"
         specs.append(CompileSpec(
-            name=f"fused_linear_{kind}_{dname}_n{cfg.block_n}", fn=_jit(_linear_kernel),
+            name=f"fused_linear_{kind}_{dname}_n{cfg.block_n}", fn=jit_function(_linear_kernel),
             signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm else ptr, "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "r_ptr": ptr, "y_ptr": ptr, "part_ptr": "*fp32",
                        "M": "i32", "N": "i32",

@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import operator_path
-from .compile_check import CompileSpec
-from .fused_linear import _fold_norm, _tile_offsets
+from .compile_check import CompileSpec, jit_function
+from .fused_linear import _fold_norm, _rows, _tile_offsets
 from .geglu_ref import check_geglu_input
 from .temporal_conv import _cast, _dot
 
@@ -153,15 +153,6 @@ def _block_config(inner: int) -> tuple[int, int, int]:
     widths 1280 / 2560 / 5120 of the preset are multiples), 16 elements per thread of 4 warps."""
     block_i = min(256, triton.next_power_of_2(max(inner, 1)))
     return max(1, 2048 // block_i), block_i, 4
-
-
-def _rows(t: torch.Tensor, width: int, name: str) -> torch.Tensor:
-    """t (..., width) as (R, width) rows without copying; unit stride along the last dim required."""
-    try:
-        return t.view(-1, width)
-    except RuntimeError:
-        raise ValueError(f"{name}'s leading dims must collapse into rows without a copy, got shape {tuple(t.shape)} "
-                         f"strides {t.stride()}") from None
 
 
 def _forward(p: torch.Tensor) -> torch.Tensor:
@@ -344,11 +335,6 @@ def _(x, weight, bias, mean=None, rstd=None, colsum=None):
 # ----------------------------------------------------------------------------------------------- compile check
 
 
-def _jit(fn):
-    """The compilable JITFunction behind a kernel (under TRITON_INTERPRET=1 `@triton.jit` gives an
-    InterpretedFunction, which `triton.compile` cannot take)."""
-    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
-
 
 def compile_specs() -> list[CompileSpec]:
     """The gate's forward and backward in bf16 and fp32 (the tile does not depend on the preset's widths 1280 /
@@ -360,13 +346,13 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for dname, ptr in (("bf16", "*bf16"), ("fp32", "*fp32")):
         specs.append(CompileSpec(
-            name=f"geglu_fwd_{dname}", fn=_jit(_geglu_fwd_kernel),
+            name=f"geglu_fwd_{dname}", fn=jit_function(_geglu_fwd_kernel),
             signature={"p_ptr": ptr, "y_ptr": ptr, "R": "i32", "INNER": "i32", "stride_p": "i32", "stride_y": "i32",
                        "BLOCK_R": "constexpr", "BLOCK_I": "constexpr"},
             constexprs=consts, num_warps=num_warps, num_stages=1, divisible=("INNER", "stride_p", "stride_y"),
         ))
         specs.append(CompileSpec(
-            name=f"geglu_bwd_{dname}", fn=_jit(_geglu_bwd_kernel),
+            name=f"geglu_bwd_{dname}", fn=jit_function(_geglu_bwd_kernel),
             signature={"dy_ptr": ptr, "p_ptr": ptr, "dp_ptr": ptr, "R": "i32", "INNER": "i32", "stride_dy": "i32",
                        "stride_p": "i32", "stride_dp": "i32", "BLOCK_R": "constexpr", "BLOCK_I": "constexpr"},
             constexprs=consts, num_warps=num_warps, num_stages=1,
@@ -376,7 +362,7 @@ def compile_specs() -> list[CompileSpec]:
                                     ("fp32", "*fp32", torch.float32, False)):
         cfg = _ff_config(dtype)
         specs.append(CompileSpec(
-            name=f"ff_geglu_{'norm_' if norm else ''}{dname}", fn=_jit(_ff_geglu_kernel),
+            name=f"ff_geglu_{'norm_' if norm else ''}{dname}", fn=jit_function(_ff_geglu_kernel),
             signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm else ptr, "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "y_ptr": ptr, "M": "i32", "K": "i32", "INNER": "i32",
                        "stride_x": "i32", **{n: "constexpr" for n in ("NORM", "HAS_BIAS", "EVEN_K", "PRECISION",

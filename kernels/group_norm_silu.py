@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from . import operator_path
-from .compile_check import CompileSpec
+from .compile_check import CompileSpec, jit_function
 from .temporal_conv import _cast
 
 __all__ = ["group_norm_silu", "modeled_bytes", "compile_specs"]
@@ -335,11 +335,6 @@ def _train_grad(ctx, dy, _dmean, _drstd):
 _train_op.register_autograd(_train_grad, setup_context=_train_setup)
 
 
-def _jit(fn):
-    """The compilable JITFunction behind a kernel (under TRITON_INTERPRET=1 `@triton.jit` gives an
-    InterpretedFunction, which `triton.compile` cannot take)."""
-    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
-
 
 def compile_specs() -> list[CompileSpec]:
     """The forward in bf16 with the affine, with and without the timestep shift, and for training (statistics
@@ -351,7 +346,7 @@ def compile_specs() -> list[CompileSpec]:
                                         ("bf16", "*bf16", True, True), ("fp32", "*fp32", True, False)):
         specs.append(CompileSpec(
             name=f"group_norm_silu_{dname}{'_shift' if has_shift else ''}{'_train' if save else ''}",
-            fn=_jit(_gn_silu_kernel),
+            fn=jit_function(_gn_silu_kernel),
             signature={"x_ptr": ptr, "shift_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "C": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "eps": "fp32",
                        "HAS_SHIFT": "constexpr", "HAS_AFFINE": "constexpr", "SAVE_STATS": "constexpr",
@@ -363,7 +358,7 @@ def compile_specs() -> list[CompileSpec]:
     for cpg, hw in ((10, 1024), (20, 256), (40, 64)):
         block_c, block_hw = _bwd_blocks(cpg, hw)
         specs.append(CompileSpec(
-            name=f"group_norm_silu_bwd_bf16_c{block_c}", fn=_jit(_gn_silu_bwd_kernel),
+            name=f"group_norm_silu_bwd_bf16_c{block_c}", fn=jit_function(_gn_silu_bwd_kernel),
             signature={"dy_ptr": "*bf16", "x_ptr": "*bf16", "shift_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16",
                        "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": "*bf16", "dw_ptr": "*fp32",
                        "db_ptr": "*fp32", "dshift_ptr": "*fp32", "C": "i32", "HW": "i32", "CPG": "i32", "G": "i32",

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .compile_check import CompileSpec
+from .compile_check import CompileSpec, jit_function
 from .latent_update_ref import check_latent_update_inputs
 
 __all__ = ["latent_update_", "modeled_bytes", "compile_specs"]
@@ -160,11 +160,6 @@ def modeled_bytes(shape: tuple[int, int, int, int, int], dtype: torch.dtype = to
 # ----------------------------------------------------------------------------------------------- compile check
 
 
-def _jit(fn):
-    """The compilable JITFunction behind a kernel: under TRITON_INTERPRET=1 (CPU tests) `@triton.jit` gives an
-    InterpretedFunction, which `triton.compile` cannot take."""
-    return fn if isinstance(fn, triton.runtime.JITFunction) else triton.runtime.JITFunction(fn.fn)
-
 
 def compile_specs() -> list[CompileSpec]:
     """The distinct launches at the pixeldance shapes (4 latent channels, F = 16, 32x32 latents; B only sets
@@ -185,7 +180,7 @@ def compile_specs() -> list[CompileSpec]:
         signature.update({f"stride_{t}_{d}": "i32" for t in ("model", "noise") for d in "bcfhw"})
         signature.update({n: "constexpr" for n in ("HAS_CFG", "HAS_NOISE", "HW_FLAT", "BLOCK")})
         specs.append(CompileSpec(
-            name=f"latent_update_{name}", fn=_jit(_latent_update_kernel), signature=signature,
+            name=f"latent_update_{name}", fn=jit_function(_latent_update_kernel), signature=signature,
             constexprs={"HAS_CFG": cfg, "HAS_NOISE": has_noise, "HW_FLAT": True, "BLOCK": block},
             num_warps=num_warps, num_stages=1, expects_mma=False,
         ))

@@ -96,24 +96,25 @@ def fused_transformer_gemms(x: torch.Tensor, module: nn.Module, backend: str) ->
     return transformer_gemm_for(x.device) == "fused" and not needs_grad(x, module)
 
 
-def _proj_in(module: nn.Module, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """proj_in on token rows t, and in the fused mode also the first block's LayerNorm statistics of its
-    output from the GEMM's epilogue (None otherwise)."""
-    if fused_transformer_gemms(x, module, module.backend):
+def _proj_in(module: nn.Module, t: torch.Tensor, fused: bool) -> tuple[torch.Tensor, Any]:
+    """proj_in on token rows t, and in the fused mode (`fused`: `fused_transformer_gemms` of the transformer)
+    also the first block's LayerNorm statistics of its output from the GEMM's epilogue (None otherwise)."""
+    if fused:
         from pdengine.kernels.fused_linear import fused_linear
 
         return fused_linear(t, module.proj_in.weight, module.proj_in.bias, stats_out=True)
     return module.proj_in(t), None
 
 
-def _proj_out_residual(module: nn.Module, t: torch.Tensor, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+def _proj_out_residual(module: nn.Module, t: torch.Tensor, x: torch.Tensor, num_frames: int,
+                       fused: bool) -> torch.Tensor:
     """x + proj_out(t) in x's (B*F, C, H, W) layout for (image, pixel)-ordered token rows t: one fused GEMM
-    in the fused mode (where the image size allows), else proj_out then the layout kernel."""
+    in the fused mode (`fused`, where the image size allows), else proj_out then the layout kernel."""
     from pdengine.kernels.fused_linear import linear_to_video_residual, video_layout_ok
     from pdengine.kernels.temporal_attention import tokens_to_video_residual
 
     proj = module.proj_out
-    if fused_transformer_gemms(x, module, module.backend) and video_layout_ok(x.shape[2] * x.shape[3], x.dtype):
+    if fused and video_layout_ok(x.shape[2] * x.shape[3], x.dtype):
         return linear_to_video_residual(t, proj.weight, proj.bias, x)
     return tokens_to_video_residual(proj(t), x, num_frames)
 
@@ -433,11 +434,12 @@ class SpatialTransformer(_BackendSwitch, nn.Module):
             x = x.contiguous()
             t = video_group_norm_to_tokens(x, 1, self.norm.weight, self.norm.bias, self.norm.num_groups,
                                            self.norm.eps)
-            t, partials = _proj_in(self, t, x)
+            fused = fused_transformer_gemms(x, self, self.backend)  # once per call, for proj_in and proj_out
+            t, partials = _proj_in(self, t, fused)
             t = t.view(bf, h * w, -1)
             for block in self.transformer_blocks:
                 t, partials = block(t, context, partials), None
-            return _proj_out_residual(self, t.view(bf * h * w, -1), x, 1)
+            return _proj_out_residual(self, t.view(bf * h * w, -1), x, 1, fused)
         t = self.norm(x).permute(0, 2, 3, 1).reshape(bf, h * w, c)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
@@ -499,10 +501,11 @@ class TemporalTransformer(_BackendSwitch, nn.Module):
         bf, c, h, w = x.shape
         t = video_group_norm_to_tokens(x, num_frames, self.norm.weight, self.norm.bias, self.norm.num_groups,
                                        self.norm.eps)
-        t, partials = _proj_in(self, t, x)
+        fused = fused_transformer_gemms(x, self, self.backend)  # once per call, for proj_in and proj_out
+        t, partials = _proj_in(self, t, fused)
         for block in self.transformer_blocks:
             t, partials = block.forward_frames(t, num_frames, h * w, partials), None
-        return _proj_out_residual(self, t, x, num_frames)
+        return _proj_out_residual(self, t, x, num_frames, fused)
 
 
 class Downsample2D(nn.Module):
