@@ -809,9 +809,12 @@ def compile_rows(families: Iterable[str], env: dict[str, str]) -> list[dict[str,
                     check = f"spills {rep.spills} bytes"
                 elif rep.expects_mma and rep.mma_instructions == 0:
                     check = "expects tensor-core instructions, found none"
+                elif spec.max_narrow_global is not None and rep.narrow_global > spec.max_narrow_global:
+                    check = f"{rep.narrow_global} sub-word global accesses (at most {spec.max_narrow_global})"
                 rows.append({**row, "status": "ok", "registers": rep.registers, "spills": rep.spills,
                              "stack_bytes": rep.stack_bytes, "local_bytes": rep.local_bytes,
                              "shared_bytes": rep.shared_bytes, "mma_instructions": rep.mma_instructions,
+                             "narrow_global": rep.narrow_global, "vector_global": rep.vector_global,
                              "expects_mma": rep.expects_mma, "num_warps": spec.num_warps,
                              "num_stages": spec.num_stages, "compile_check": check, **env})
     return rows

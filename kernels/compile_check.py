@@ -25,6 +25,11 @@ from typing import Any
 
 ARCHS = (80, 90)
 _MMA = re.compile(r"\b(HMMA|HGMMA|IMMA|WGMMA)\b")
+# Global loads / stores / asynchronous copies and their width suffix: .U8/.S8/.U16/.S16 move one 1- or 2-byte
+# element per thread (sub-word), none a 32-bit word, .64/.128 a vector.
+_GLOBAL = re.compile(r"\b(?:LDG|STG|LDGSTS)\.E(?:\.EL|\.EF|\.LU|\.BYPASS|\.LTC\d+B|\.CONSTANT)*"
+                     r"(?:\.(U8|S8|U16|S16|64|128))?\b")
+_REPORT_VERSION = 2  # part of the cache key: bumped when the report gains fields
 
 
 @dataclass
@@ -44,6 +49,9 @@ class CompileSpec:
     # allocations are), and only then can the compiler prove contiguity and alignment for vector loads:
     # naming them compiles the variant that actually runs.
     divisible: tuple[str, ...] = ()
+    # For kernels that stream activations: at most this many sub-word global access instructions in the SASS
+    # (per-channel vectors and the like; the activation itself must move as 32-bit words or vectors).
+    max_narrow_global: int | None = None
 
 
 @dataclass
@@ -57,6 +65,10 @@ class CompileReport:
     mma_instructions: int
     expects_mma: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    # Global memory instructions in the SASS (static counts): sub-word (1-2 bytes per thread) and vector
+    # (8-16 bytes per thread) accesses.
+    narrow_global: int = 0
+    vector_global: int = 0
 
     @property
     def spills(self) -> int:
@@ -89,7 +101,8 @@ def _key(spec: CompileSpec, arch: int) -> str:
     # and a change to one of them must not reuse a cached report.
     src = inspect.getsource(inspect.getmodule(fn))
     blob = json.dumps([src, spec.signature, {k: repr(v) for k, v in spec.constexprs.items()}, spec.num_warps,
-                       spec.num_stages, arch, triton.__version__, sorted(spec.divisible)], sort_keys=True)
+                       spec.num_stages, arch, triton.__version__, sorted(spec.divisible), _REPORT_VERSION],
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -137,11 +150,14 @@ def _compile_here(spec: CompileSpec, arch: int) -> CompileReport:
         sass = subprocess.run([tool, "--dump-sass", str(cubin)], capture_output=True, text=True,
                               check=True).stdout
     res = parse_resource_usage(usage)
+    widths = [m.group(1) for m in _GLOBAL.finditer(sass)]
     return CompileReport(
         name=spec.name, arch=arch, registers=res["REG"], stack_bytes=res["STACK"], local_bytes=res["LOCAL"],
         shared_bytes=max(res["SHARED"], int(getattr(kernel.metadata, "shared", 0) or 0)),
         mma_instructions=len(_MMA.findall(sass)), expects_mma=spec.expects_mma,
         extra={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        narrow_global=sum(w in ("U8", "S8", "U16", "S16") for w in widths),
+        vector_global=sum(w in ("64", "128") for w in widths),
     )
 
 

@@ -9,7 +9,10 @@ HBM; the other two find it in L2 (at most a few thousand blocks are in flight at
 / H200's L2 is 50 / 60 MB). So HBM sees one read and one write of the activation, where eager PyTorch reads
 it three times and writes it twice (GroupNorm's two passes, then the SiLU), and once more each for the
 timestep add `h + temb[:, :, None, None]` before the second norm, which the kernel applies to each element
-as it is loaded (`shift`, (N, C)). fp32 statistics and math, one rounding to x's dtype at the store.
+as it is loaded (`shift`, (N, C)). fp32 statistics and math, one rounding to x's dtype at the store. The
+block is walked in (channels x pixels) tiles, so the per-channel values (shift, affine) are loaded once per
+tile row and the pixels move as 16-byte vectors (the compile check bounds the sub-word accesses: a first
+version indexed the block flat and gathered the channel values per element, 80 two-byte loads in its SASS).
 
 For training the forward also keeps each group's mean and rstd, and autograd saves only the input (and the
 shift): the eager ops also keep the GroupNorm's output for the SiLU (and, with the timestep add, its sum). The
@@ -35,13 +38,14 @@ __all__ = ["group_norm_silu", "modeled_bytes", "compile_specs"]
 
 
 @triton.jit
-def _load_block(x_ptr, shift_ptr, base, shift_base, offs, count, HW, HAS_SHIFT: tl.constexpr):
-    """One stretch of a group's block as fp32, the timestep shift of each element's channel added; 0 past
-    the block's end."""
-    ok = offs < count
-    v = tl.load(x_ptr + base + offs, mask=ok, other=0.0).to(tl.float32)
+def _load_tile(x_ptr, shift_ptr, base, shift_base, cs, c_ok, pixels, HW, HAS_SHIFT: tl.constexpr):
+    """One (channels x pixels) tile of a group's block as fp32, each channel's timestep shift added (one
+    load per channel, broadcast along the pixels); 0 outside the block."""
+    ok = c_ok[:, None] & (pixels < HW)[None, :]
+    v = tl.load(x_ptr + base + cs[:, None] * HW + pixels[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_SHIFT:
-        v += tl.load(shift_ptr + shift_base + offs // HW, mask=ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + shift_base + cs, mask=c_ok, other=0.0).to(tl.float32)
+        v = tl.where(ok, v + sh[:, None], 0.0)
     return v, ok
 
 
@@ -57,39 +61,54 @@ def _gn_silu_kernel(
     HAS_AFFINE: tl.constexpr,
     SAVE_STATS: tl.constexpr,
     INTERPRETED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels of the group per tile (`_fwd_blocks`)
+    BLOCK_HW: tl.constexpr,  # pixels per tile
 ):
+    """One program per (image, group), three passes over its block in (channels x pixels) tiles: the
+    per-channel values (shift, affine) are loaded once per tile row and broadcast along the pixels, which
+    stay contiguous (16-byte vector accesses); no per-element channel arithmetic."""
     pid = tl.program_id(0)  # image * G + group: up to 2^31 programs, no 65,535 cap
     n = pid // G
     g = pid % G
     count = CPG * HW
     base = n.to(tl.int64) * C * HW + (g * CPG).to(tl.int64) * HW
     shift_base = n.to(tl.int64) * C + g * CPG
-    idx = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, count, BLOCK):
-        v, ok = _load_block(x_ptr, shift_ptr, base, shift_base, start + idx, count, HW, HAS_SHIFT)
-        acc += v
-    mean = tl.sum(acc, axis=0) / count
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, count, BLOCK):
-        v, ok = _load_block(x_ptr, shift_ptr, base, shift_base, start + idx, count, HW, HAS_SHIFT)
-        d = tl.where(ok, v - mean, 0.0)
-        acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
+    rows = tl.arange(0, BLOCK_C)
+    hw = tl.arange(0, BLOCK_HW)
+    acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    for c0 in range(0, CPG, BLOCK_C):
+        for h0 in range(0, HW, BLOCK_HW):
+            v, ok = _load_tile(x_ptr, shift_ptr, base, shift_base, c0 + rows, c0 + rows < CPG, h0 + hw, HW,
+                               HAS_SHIFT)
+            acc += v
+    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / count
+    acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
+    for c0 in range(0, CPG, BLOCK_C):
+        for h0 in range(0, HW, BLOCK_HW):
+            v, ok = _load_tile(x_ptr, shift_ptr, base, shift_base, c0 + rows, c0 + rows < CPG, h0 + hw, HW,
+                               HAS_SHIFT)
+            d = tl.where(ok, v - mean, 0.0)
+            acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(acc, axis=1), axis=0) / count + eps)
     if SAVE_STATS:
         tl.store(mean_ptr + pid, mean)
         tl.store(rstd_ptr + pid, rstd)
-    for start in range(0, count, BLOCK):
-        offs = start + idx
-        v, ok = _load_block(x_ptr, shift_ptr, base, shift_base, offs, count, HW, HAS_SHIFT)
-        y = (v - mean) * rstd
+    for c0 in range(0, CPG, BLOCK_C):
+        cs = c0 + rows
+        c_ok = cs < CPG
+        # y = gamma * (v - mean) * rstd + beta = v * scale + offset, per channel
+        scale = tl.where(c_ok, rstd, 0.0)
+        offset = -mean * scale
         if HAS_AFFINE:
-            c = g * CPG + offs // HW
-            y = y * tl.load(w_ptr + c, mask=ok, other=1.0).to(tl.float32) + \
-                tl.load(b_ptr + c, mask=ok, other=0.0).to(tl.float32)
-        y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + base + offs, _cast(y, y_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+            gamma = tl.load(w_ptr + g * CPG + cs, mask=c_ok, other=0.0).to(tl.float32)
+            scale = scale * gamma
+            offset = offset * gamma + tl.load(b_ptr + g * CPG + cs, mask=c_ok, other=0.0).to(tl.float32)
+        for h0 in range(0, HW, BLOCK_HW):
+            v, ok = _load_tile(x_ptr, shift_ptr, base, shift_base, cs, c_ok, h0 + hw, HW, HAS_SHIFT)
+            y = v * scale[:, None] + offset[:, None]
+            y = y / (1.0 + tl.exp(-y))
+            tl.store(y_ptr + base + cs[:, None] * HW + (h0 + hw)[None, :], _cast(y, y_ptr.dtype.element_ty,
+                     INTERPRETED), mask=ok)
 
 
 @triton.jit
@@ -172,13 +191,21 @@ def _gn_silu_bwd_kernel(
         tl.store(dshift_ptr + n.to(tl.int64) * C + ch, tl.sum(acc_s, axis=1), mask=c_ok)
 
 
-_BLOCK, _WARPS = 2048, 4  # 16 elements per thread: two 16-byte vectors in bf16
+_TILE, _WARPS = 2048, 4  # elements per tile: 16 per thread, two 16-byte vectors in bf16
+
+
+def _fwd_blocks(cpg: int, hw: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) of the forward: up to 1024 pixels of a channel per tile row and as many of the group's
+    channels as fill a 2048-element tile (10 / 20 / 40 channels per group at 32x32 / 16x16 / 8x8 in the
+    `pixeldance` preset: 2 x 1024, 8 x 256, 32 x 64 tiles; 64 x 16 at 4x4)."""
+    block_hw = min(triton.next_power_of_2(hw), 1024)
+    return min(triton.next_power_of_2(cpg), max(1, _TILE // block_hw)), block_hw
 
 
 def _bwd_blocks(cpg: int, hw: int) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_HW) of the backward: all of a group's channels, 2048-element tiles."""
     block_c = triton.next_power_of_2(cpg)
-    return block_c, max(1, min(triton.next_power_of_2(hw), 2048 // block_c))
+    return block_c, max(1, min(triton.next_power_of_2(hw), _TILE // block_c))
 
 
 def _forward_stats(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
@@ -190,11 +217,13 @@ def _forward_stats(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Ten
     rstd = torch.empty_like(mean)
     if y.numel():
         affine = weight is not None
+        block_c, block_hw = _fwd_blocks(c // groups, h * w)
         _gn_silu_kernel[(n * groups,)](
             x, shift if shift is not None else x, weight if affine else x, bias if affine else x, y,
             mean if save_stats else y, rstd if save_stats else y,
             c, h * w, c // groups, groups, eps, HAS_SHIFT=shift is not None, HAS_AFFINE=affine,
-            SAVE_STATS=save_stats, INTERPRETED=not x.is_cuda, BLOCK=_BLOCK, num_warps=_WARPS)
+            SAVE_STATS=save_stats, INTERPRETED=not x.is_cuda, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=_WARPS)
     return y, mean, rstd
 
 
@@ -337,23 +366,27 @@ _train_op.register_autograd(_train_grad, setup_context=_train_setup)
 
 
 def compile_specs() -> list[CompileSpec]:
-    """The forward in bf16 with the affine, with and without the timestep shift, and for training (statistics
-    kept); fp32 with the shift (the tile does not depend on the shape: one program per image and group,
-    2048-element steps through its block). The backward in bf16 with the shift for the preset's 10, 20 and 40
-    channels per group (C = 320 / 640 / 1280 in 32 groups: 16 x 128, 32 x 64 and 64 x 32 tiles)."""
+    """The forward in bf16 with the affine and the timestep shift at each level of the `pixeldance` preset (10,
+    20 and 40 channels per group over 32x32 ... 4x4 pixels: the tiles differ), and at the top level without the
+    shift, for training (statistics kept) and in fp32. The backward in bf16 with the shift for the preset's 10,
+    20 and 40 channels per group (C = 320 / 640 / 1280 in 32 groups: 16 x 128, 32 x 64 and 64 x 32 tiles)."""
     specs = []
-    for dname, ptr, has_shift, save in (("bf16", "*bf16", False, False), ("bf16", "*bf16", True, False),
-                                        ("bf16", "*bf16", True, True), ("fp32", "*fp32", True, False)):
+    forward = [("bf16", "*bf16", True, False, cpg, hw) for cpg, hw in ((10, 1024), (20, 256), (40, 64), (40, 16))]
+    forward += [("bf16", "*bf16", False, False, 10, 1024), ("bf16", "*bf16", True, True, 10, 1024),
+                ("fp32", "*fp32", True, False, 10, 1024)]
+    for dname, ptr, has_shift, save, cpg, hw in forward:
+        block_c, block_hw = _fwd_blocks(cpg, hw)
         specs.append(CompileSpec(
-            name=f"group_norm_silu_{dname}{'_shift' if has_shift else ''}{'_train' if save else ''}",
+            name=f"group_norm_silu_{dname}{'_shift' if has_shift else ''}{'_train' if save else ''}_c{cpg}_hw{hw}",
             fn=jit_function(_gn_silu_kernel),
             signature={"x_ptr": ptr, "shift_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": ptr, "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "C": "i32", "HW": "i32", "CPG": "i32", "G": "i32", "eps": "fp32",
                        "HAS_SHIFT": "constexpr", "HAS_AFFINE": "constexpr", "SAVE_STATS": "constexpr",
-                       "INTERPRETED": "constexpr", "BLOCK": "constexpr"},
+                       "INTERPRETED": "constexpr", "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"},
             constexprs={"HAS_SHIFT": has_shift, "HAS_AFFINE": True, "SAVE_STATS": save, "INTERPRETED": False,
-                        "BLOCK": _BLOCK},
+                        "BLOCK_C": block_c, "BLOCK_HW": block_hw},
             num_warps=_WARPS, num_stages=1, divisible=("C", "HW"),
+            max_narrow_global=16,  # the per-channel shift and affine; the activation moves as 16-byte vectors
         ))
     for cpg, hw in ((10, 1024), (20, 256), (40, 64)):
         block_c, block_hw = _bwd_blocks(cpg, hw)
@@ -366,6 +399,6 @@ def compile_specs() -> list[CompileSpec]:
                        "BLOCK_C": "constexpr", "BLOCK_HW": "constexpr"},
             constexprs={"HAS_SHIFT": True, "HAS_AFFINE": True, "INTERPRETED": False, "BLOCK_C": block_c,
                         "BLOCK_HW": block_hw},
-            num_warps=_WARPS, num_stages=1, divisible=("C", "HW"),
+            num_warps=_WARPS, num_stages=1, divisible=("C", "HW"), max_narrow_global=16,
         ))
     return specs

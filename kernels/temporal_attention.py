@@ -357,11 +357,12 @@ _INT32_MAX = 2**31 - 1
 def _attn_config(f_pad: int, d_pad: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, str]:
     """(BLOCK_P, num_warps, dot precision) from a fixed table (no autotuning: CUDA-graph friendly and
     compile-checkable). About 8K elements per (BLOCK_P, F_PAD, D_PAD) tile in 16-bit types, 4K in fp32;
-    the backward holds about twice the live tiles of the forward, so it gets 8 warps for the same tile.
-    At these sizes no 16-bit launch spills (compile_specs: 80-175 registers); fp32 at F_PAD = 64 still
-    spills a few hundred bytes in the backward (not a pixeldance launch)."""
+    the backward holds about twice the live tiles of the forward, so it gets 8 warps for the same tile
+    (2K elements in fp32: with 4K, Triton 3.6 spilled 72 bytes on sm80). At these sizes no 16-bit launch
+    spills (compile_specs: 80-175 registers); fp32 at F_PAD = 64 still spills a few hundred bytes in the
+    backward (not a pixeldance launch)."""
     fp32 = dtype == torch.float32
-    block_p = max(1, (4096 if fp32 else 8192) // (f_pad * d_pad))
+    block_p = max(1, ((2048 if backward else 4096) if fp32 else 8192) // (f_pad * d_pad))
     num_warps = 8 if backward or fp32 else 4
     # fp32 inputs: 3xTF32 keeps about fp32 accuracy on tensor cores (plain TF32 would lose ~3 digits,
     # "ieee" FMA dots spill); 16-bit inputs ignore the flag.
@@ -923,14 +924,18 @@ def compile_specs() -> list[CompileSpec]:
 
 def _layout_compile_specs() -> list[CompileSpec]:
     """The layout kernels at the pixeldance shapes (F = 16 for the temporal transformers, 1 for the spatial
-    ones; C, H, W and the groups are runtime values), bf16 and fp32 activations."""
+    ones; C, H, W and the groups are runtime values), bf16 and fp32 activations. Channels, pixels (and row
+    strides) are multiples of 16 at every level there, which the launcher specializes on: compiled so, the
+    activations move as 16-byte vectors both ways (the transposes go through shared memory), which each spec
+    requires of its SASS (no sub-word global accesses)."""
     specs = []
     for dtype in ("bf16", "fp32"):
         specs.append(CompileSpec(
             name=f"video_group_stats_{dtype}", fn=_frame_group_stats_kernel,
             signature={"x_ptr": f"*{dtype}", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "chunk": "i32",
                        "BLOCK": "constexpr"},
-            constexprs={"BLOCK": _STATS_BLOCK}, num_warps=4, num_stages=1,
+            constexprs={"BLOCK": _STATS_BLOCK}, num_warps=4, num_stages=1, divisible=("chunk",),
+            max_narrow_global=1,  # the chunk's first value (the shift of its sums)
         ))
     tokens_sig = {"x_ptr": "", "out_ptr": "", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "w_ptr": "*fp32",
                   "b_ptr": "*fp32", "C": "i32", "P": "i32", "F": "i32", "G": "i32", "eps": "fp32"}
@@ -946,7 +951,7 @@ def _layout_compile_specs() -> list[CompileSpec]:
                     fn=_video_to_tokens_kernel, signature={**tokens_sig, "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
                     constexprs={"NORMALIZE": normalize, "HAS_WEIGHT": normalize, "HAS_BIAS": normalize,
                                 "F_PAD": f_pad, "BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P},
-                    num_warps=_LAYOUT_WARPS, num_stages=1,
+                    num_warps=_LAYOUT_WARPS, num_stages=1, divisible=("C", "P"), max_narrow_global=0,
                 ))
         bwd_sig = {"x_ptr": f"*{dtype}", "dy_ptr": f"*{dtype}", "mean_ptr": "*fp32", "m2_ptr": "*fp32", "C": "i32",
                    "P": "i32", "F": "i32", "G": "i32", "eps": "fp32", "stride_dy_n": "i32"}
@@ -963,12 +968,13 @@ def _layout_compile_specs() -> list[CompileSpec]:
                     name=f"{fn.__name__.strip('_').removesuffix('_kernel')}_{dtype}{'_image' if f_pad == 1 else ''}",
                     fn=fn, signature={name: types[name] for name in fn.arg_names},  # the kernel's argument order
                     constexprs=consts, num_warps=_LAYOUT_WARPS, num_stages=1,
+                    divisible=("C", "P", "stride_dy_n"), max_narrow_global=0,
                 ))
         specs.append(CompileSpec(
             name=f"tokens_to_video_residual_{dtype}", fn=_tokens_to_video_residual_kernel,
             signature={"t_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "C": "i32", "P": "i32",
                        "stride_t_n": "i32", "BLOCK_C": "constexpr", "BLOCK_P": "constexpr"},
             constexprs={"BLOCK_C": _LAYOUT_BLOCK_C, "BLOCK_P": _LAYOUT_BLOCK_P}, num_warps=_LAYOUT_WARPS,
-            num_stages=1,
+            num_stages=1, divisible=("C", "P", "stride_t_n"), max_narrow_global=0,
         ))
     return specs

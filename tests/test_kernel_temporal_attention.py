@@ -358,10 +358,13 @@ def _check_compiles(specs: list) -> None:
     with ThreadPoolExecutor(len(ARCHS)) as pool:
         reports = [r for rs in pool.map(lambda arch: compile_all(specs, (arch,)), ARCHS) for r in rs]
     assert len(reports) == len(specs) * len(ARCHS)
+    bounds = {s.name: s.max_narrow_global for s in specs}
     for r in reports:
         assert r.spills == 0, f"{r.name} sm{r.arch} spills {r.spills} bytes"
         if r.expects_mma:
             assert r.mma_instructions > 0, f"{r.name} sm{r.arch} has no tensor-core instructions"
+        if bounds[r.name] is not None:  # the layout kernels move their activations as 16-byte vectors
+            assert r.narrow_global <= bounds[r.name] and r.vector_global > 0, (r.name, r.arch, r.narrow_global)
 
 
 def test_compile_specs_are_distinct_and_attention_expects_mma():
