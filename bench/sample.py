@@ -14,7 +14,8 @@ diffusers' (diffusers also with channels_last weights: NHWC convolutions), from 
 layer (`bench.common.layer_times`).
 
 On the CPU (no timing, and nothing claimed about speed): proxies counted on `meta` tensors — UNet FLOPs
-per video (torch.utils.flop_counter), aten ops per denoising step (= kernel launches of an eager step;
+per video (torch.utils.flop_counter; each UNet its own: diffusers' projects the text's cross-attention keys
+and values once per frame, ours once per video), aten ops per denoising step (= kernel launches of an eager step;
 a captured graph replays them as one launch) and bytes per step, in all and per layer kind (every aten op's
 inputs and outputs, `bench.common.count_bytes`), for our step with the torch backend and with the Triton
 backend (each kernel one operator, counted by its modeled bytes: `operator_byte_models`), and for the
@@ -51,22 +52,30 @@ def _diffusers_unet(cfg: dict, device, dtype):
         return UNet3DConditionModel(**fields).to(dtype).eval()
 
 
-def unet_flops_by_kind(batch: int, frames: int = FRAMES, latent: int = LATENT) -> dict[str, int]:
+def unet_flops_by_kind(batch: int, frames: int = FRAMES, latent: int = LATENT, *,
+                       model: str = "pdengine") -> dict[str, int]:
     """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent) per layer
     kind (`bench.common.layer_flops`: temporal conv, temporal attention, spatial ResNet, spatial attention,
-    resample, other) and `total`, counted on meta tensors. The temporal layers' FLOPs are the same math in
-    our layers and diffusers'."""
+    resample, other) and `total`, counted on meta tensors; `model` "pdengine" (ours) or "diffusers" (its
+    `UNet3DConditionModel` with the same config). The same math but in one place: ours projects the text's
+    cross-attention keys and values once per video, diffusers' once per frame (the spatial attention kind)."""
     from pdengine.model import UNet3D
 
     from .common import layer_flops
 
+    if model not in ("pdengine", "diffusers"):
+        raise ValueError(f"model must be 'pdengine' or 'diffusers', got {model!r}")
     cfg = _unet_config()
     with torch.device("meta"):
-        unet = UNet3D(cfg).eval()
         x = torch.empty(batch, cfg["in_channels"], frames, latent, latent)
         t = torch.zeros(batch, dtype=torch.long)
         ctx = torch.empty(batch, TEXT_LEN, cfg["cross_attention_dim"])
     with torch.no_grad():
+        if model == "diffusers":
+            ref = _diffusers_unet(cfg, "meta", torch.float32)
+            return layer_flops(ref, lambda: ref(x, t, encoder_hidden_states=ctx))
+        with torch.device("meta"):
+            unet = UNet3D(cfg).eval()
         return layer_flops(unet, lambda: unet(x, t, ctx))
 
 
@@ -95,10 +104,10 @@ def vae_decode_flops(frames: int = FRAMES, latent: int = LATENT) -> int:
     return counter.get_total_flops()
 
 
-def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT) -> int:
+def unet_flops(batch: int, frames: int = FRAMES, latent: int = LATENT, *, model: str = "pdengine") -> int:
     """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent), counted
-    on meta tensors."""
-    return unet_flops_by_kind(batch, frames, latent)["total"]
+    on meta tensors (ours, or diffusers' model: `unet_flops_by_kind`)."""
+    return unet_flops_by_kind(batch, frames, latent, model=model)["total"]
 
 
 def operator_byte_models() -> dict[str, Any]:
@@ -198,6 +207,7 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
     for b in batches:
         by_kind = unet_flops_by_kind(2 * b)  # CFG: the UNet runs on [uncond; cond]
         flops_step = by_kind["total"]
+        theirs = unet_flops(2 * b, model="diffusers")
         counts = _meta_step_counts(b)
         # Ours three times: the torch backend (the reference path), the Triton backend (what a GPU runs: each
         # fused kernel one operator, counted by its modeled bytes) and the same with the transformers' GEMMs
@@ -205,11 +215,12 @@ def _cpu_rows(batches: list[int], steps: int) -> list[dict[str, Any]]:
         # diffusers UNet.
         for provider, key in (("pdengine_torch_backend", "ours"), ("pdengine_triton_backend", "ours_triton"),
                               ("pdengine_triton_backend_fused_gemm", "ours_triton_fused_gemm"), ("diffusers", "diffusers")):
+            work = theirs if provider == "diffusers" else flops_step
             rows.append({
                 "bench": "sample", "provider": provider, "device": "cpu", "batch": b, "steps": steps,
                 "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}", "status": "ok",
-                "unet_gflops_per_video": round(flops_step * steps / b / 1e9, 1),
-                "unet_gflop_per_frame_per_pass": round(flops_step / (2 * b) / FRAMES / 1e9, 1),
+                "unet_gflops_per_video": round(work * steps / b / 1e9, 1),
+                "unet_gflop_per_frame_per_pass": round(work / (2 * b) / FRAMES / 1e9, 1),
                 "launches_per_step_eager": counts[key]["ops"],
                 "gb_per_step": round(counts[key]["bytes"] / 1e9, 2),
                 **{f"gb_{k}": round(v / 1e9, 2) for k, v in counts[key]["kinds"].items()},
@@ -268,7 +279,9 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
     from .common import nvml_index, nvml_snapshot
 
     dev, dt, c = torch.device("cuda"), torch.bfloat16, cfg["out_channels"]
-    flops = unet_flops(2 * b) * steps
+    # Each UNet's own counted FLOPs for its rows' TFLOP/s and MFU (diffusers' projects the text's keys and
+    # values per frame: 1.2% more at the preset).
+    flops = {m: unet_flops(2 * b, model=m) * steps for m in ("pdengine", "diffusers")}
     gen = torch.Generator(device="cuda").manual_seed(0)
     x_t = torch.randn(b, c, FRAMES, LATENT, LATENT, device=dev, dtype=dt, generator=gen)
     c_first = torch.zeros_like(x_t)
@@ -343,10 +356,11 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
             fn()
             torch.cuda.synchronize()
             sec = time.perf_counter() - t0
+            work = flops["diffusers" if name.startswith("diffusers") else "pdengine"]
             row.update({
                 "status": "ok", "seconds_per_video": sec / b, "videos_per_s": b / sec,
-                "first_call_overhead_s": max(0.0, first - sec), "unet_tflops": flops / sec / 1e12,
-                "mfu": flops / sec / 1e12 / peaks["peak_tflops"],
+                "first_call_overhead_s": max(0.0, first - sec), "unet_tflops": work / sec / 1e12,
+                "mfu": work / sec / 1e12 / peaks["peak_tflops"],
                 "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **nvml_snapshot(nvml_index(0)),
             })
         except Exception as e:  # a failing provider is an explicit row, never a missing one
@@ -368,7 +382,7 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
     inp = torch.cat([x_t, c_first], dim=1)
     inp, ctx = torch.cat([inp, inp]), torch.cat([uncond, text])
     t = torch.full((2 * b,), 500, device=inp.device)
-    flops = unet_flops_by_kind(2 * b)
+    flops = {m: unet_flops_by_kind(2 * b, model=m) for m in ("pdengine", "diffusers")}
     models = {
         "pdengine_eager": (ours, lambda: ours(inp, t, ctx), "auto"),
         "pdengine_eager_cublas_conv": (ours, lambda: ours(inp, t, ctx), "cublas"),
@@ -395,13 +409,14 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
                         torch.nn.Module.to(module, memory_format=torch.channels_last)
                 call = functools.partial(model, inp, t, encoder_hidden_states=ctx)
             ff = "fused" if name.endswith("fused_gemm") else "cublas"
+            work = flops["diffusers" if name.startswith("diffusers") else "pdengine"]
             with torch.no_grad(), conv_gemm(gemm, "forward"), transformer_gemm(ff):
                 ms = layer_times(model, call)
             row.update({"status": "ok", "unet_call_ms": ms["total"],
                         **{f"ms_{kind}": v for kind, v in ms.items() if kind != "total"},
-                        # achieved TFLOP/s per layer kind (FLOPs counted on meta, same math in both UNets)
-                        **{f"tflops_{kind}": flops[kind] / v / 1e9 for kind, v in ms.items()
-                           if kind in flops and v > 0}})
+                        # achieved TFLOP/s per layer kind (each UNet's FLOPs, counted on meta)
+                        **{f"tflops_{kind}": work[kind] / v / 1e9 for kind, v in ms.items()
+                           if kind in work and v > 0}})
         except Exception as e:  # an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
         finally:

@@ -385,9 +385,16 @@ class TransformerBlock(nn.Module):
 
 
 def _sdpa(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Multi-head SDPA of (n, L, inner) projections (any row strides), back to (n, Lq, inner)."""
+    """Multi-head SDPA of (n, Lq, inner) queries on (nk, Lk, inner) keys and values (any row strides), back to
+    (n, Lq, inner). nk may divide n: each key/value sequence then serves n / nk consecutive query sequences (a
+    video's frames attending to its one text: attention is per query row, so the frames fold into one longer
+    query sequence, and the text's keys and values are projected once per video instead of once per frame)."""
     n, lq, _ = q.shape
-    q, k, v = (t.reshape(n, t.shape[1], attn.heads, -1).transpose(1, 2) for t in (q, k, v))
+    nk = k.shape[0]
+    if n % nk:
+        raise ValueError(f"{n} query sequences cannot share {nk} key/value sequences")
+    q = q.reshape(nk, (n // nk) * lq, attn.heads, -1).transpose(1, 2)
+    k, v = (t.reshape(nk, t.shape[1], attn.heads, -1).transpose(1, 2) for t in (k, v))
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, lq, -1)
 
 
@@ -411,7 +418,9 @@ def _kernel_self_attention(attn: Attention, h: torch.Tensor, num_frames: int, pi
 
 class SpatialTransformer(_BackendSwitch, nn.Module):
     """Per-frame 2D transformer: GroupNorm, linear proj_in over pixels, one block with text
-    cross-attention, linear proj_out, residual."""
+    cross-attention, linear proj_out, residual. `context`: (B*F, L, D), one text per frame, or (B, L, D), one
+    per video of F consecutive frames (what the UNet passes: the text's keys and values are then projected
+    once per video)."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, groups: int, cross_attention_dim: int,
                  backend: str = "torch"):

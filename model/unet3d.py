@@ -260,7 +260,9 @@ class UNet3D(nn.Module):
 
         emb = self.time_embedding(timestep_embedding(t, self.config["block_out_channels"][0]).to(sample.dtype))
         emb = emb.repeat_interleave(f, dim=0)
-        context = encoder_hidden_states.repeat_interleave(f, dim=0)
+        # One text per video: the spatial transformers' cross-attention folds each video's frames into one
+        # query sequence (`layers._sdpa`), so the text is not repeated per frame.
+        context = encoder_hidden_states
 
         x = sample.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
         if cond_features is None:
