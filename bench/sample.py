@@ -174,11 +174,10 @@ def _meta_step_counts(batch: int) -> dict[str, dict[str, Any]]:
         sampler = StaticSampler(unet, sched, bucket, torch.device("meta"), use_graph=False, fused_update=False)
         if backend == "triton":
             with as_operators(), transformer_gemm(ff):
-                if ff == "fused":
-                    # The folded LayerNorm weights are made once per weight version (the sampler's warm-up
-                    # call before capture), not per step: outside the count.
-                    with torch.no_grad():
-                        sampler._step()
+                # The packed q/k/v weights and (fused) the folded LayerNorm weights are made once per weight
+                # version (the sampler's warm-up call before capture), not per step: outside the count.
+                with torch.no_grad():
+                    sampler._step()
                 out[key] = counted(unet, sampler._step, operator_byte_models())
         else:
             out[key] = counted(unet, sampler._step)

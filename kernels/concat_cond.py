@@ -305,5 +305,10 @@ def compile_specs() -> list[CompileSpec]:
             constexprs={"REPEAT": repeat, "TRAIN": train, "HAS_FIRST": True, "HAS_LAST": True,
                         "HAS_KEEP": True, "PERTURB_FIRST": pf, "PERTURB_LAST": pl, "HW_FLAT": True, "BLOCK": block},
             num_warps=num_warps, num_stages=1, expects_mma=False,
+            # H*W and the batch / channel / frame strides are multiples of 16 there, as the launcher sees them:
+            # 16-byte vectors; the one sub-word access is the bool keep mask's byte.
+            divisible=("HW", *(f"stride_{t}_{d}" for t in ("z", "noise") for d in "bcf"),
+                       *(f"stride_{t}_{d}" for t in ("first", "last", "efirst", "elast") for d in "bc")),
+            max_narrow_global=1,
         ))
     return specs

@@ -183,5 +183,8 @@ def compile_specs() -> list[CompileSpec]:
             name=f"latent_update_{name}", fn=jit_function(_latent_update_kernel), signature=signature,
             constexprs={"HAS_CFG": cfg, "HAS_NOISE": has_noise, "HW_FLAT": True, "BLOCK": block},
             num_warps=num_warps, num_stages=1, expects_mma=False,
+            # H*W and the batch / channel / frame strides of the UNet output's permuted view (and of the noise)
+            # are multiples of 16 there, as the launcher sees them: 16-byte vectors, no sub-word accesses.
+            divisible=("HW", *(f"stride_{t}_{d}" for t in ("model", "noise") for d in "bcf")), max_narrow_global=0,
         ))
     return specs

@@ -242,6 +242,7 @@ def test_compile_specs_no_spills():
             report = compile_spec(spec, arch)
             assert report.spills == 0, f"{spec.name} sm{arch} spills {report.spills} bytes"
             assert report.mma_instructions == 0
+            assert report.narrow_global <= spec.max_narrow_global and report.vector_global > 0, spec.name
 
 
 @pytest.mark.gpu

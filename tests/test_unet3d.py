@@ -181,3 +181,24 @@ def test_presets_parameter_counts_match_diffusers():
             ref = UNet3DConditionModel(**cfg)
         assert count_parameters(name) == sum(p.numel() for p in ref.parameters()), name
     assert round(count_parameters("pixeldance") / 1e9, 2) == 1.41
+
+
+def test_packed_qkv_weight_is_kept_per_weight_version_and_fresh_under_autograd():
+    """Inference reuses one [W_q; W_k; W_v] per weight version (no concatenation per call); an in-place weight
+    update makes a new one; with gradients it is a fresh concatenation that autograd flows through."""
+    from pdengine.model.layers import Attention
+
+    attn = Attention(8, 2, 4)
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        packed = attn.packed_qkv_weight(x)
+        assert attn.packed_qkv_weight(x) is packed
+        torch.testing.assert_close(packed, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
+        attn.to_k.weight.add_(1.0)
+        fresh = attn.packed_qkv_weight(x)
+        assert fresh is not packed
+        torch.testing.assert_close(fresh[8:16], attn.to_k.weight)
+    w = attn.packed_qkv_weight(x)
+    assert w.requires_grad and w is not fresh
+    w.sum().backward()
+    assert attn.to_v.weight.grad is not None and torch.equal(attn.to_v.weight.grad, torch.ones(8, 8))
