@@ -219,16 +219,19 @@ LAYER_KINDS = {
 
 
 @contextlib.contextmanager
-def _layer_marks(model: torch.nn.Module, kinds: dict[str, str], stamp: Callable[[], Any]) -> Iterator[list]:
+def _layer_marks(model: torch.nn.Module, kinds: dict[str, str], stamp: Callable[[], Any],
+                 label: Callable[[torch.nn.Module], str] | None = None) -> Iterator[list]:
     """Hooks on `model`'s layers of the kinds in `kinds` (by class name) that append (kind, stamp() at entry,
     stamp() at exit) to the yielded list for each outermost such layer a call runs (a counted layer inside
-    another counts for the outer one). Removed on exit."""
+    another counts for the outer one); `label(module)` names the mark instead of its kind where given. Removed
+    on exit."""
     marks: list[tuple[str, Any, Any]] = []
     open_marks: list[tuple[str, Any] | None] = []
     depth = [0]
 
     def pre(module, args):
-        open_marks.append((kinds[type(module).__name__], stamp()) if depth[0] == 0 else None)
+        name = label(module) if label is not None else kinds[type(module).__name__]
+        open_marks.append((name, stamp()) if depth[0] == 0 else None)
         depth[0] += 1
 
     def post(module, args, output):
@@ -249,12 +252,14 @@ def _layer_marks(model: torch.nn.Module, kinds: dict[str, str], stamp: Callable[
 
 
 def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
-                kinds: dict[str, str] | None = None) -> dict[str, float]:
+                kinds: dict[str, str] | None = None,
+                label: Callable[[torch.nn.Module], str] | None = None) -> dict[str, float]:
     """Milliseconds per call of `fn` spent inside `model`'s layers of each kind (`LAYER_KINDS` by class
-    name; a layer inside another counted layer counts for the outer one), plus `total` (the whole call) and
-    `other` (total minus the layers: conv_in/out, embeddings, the final norm, and gaps between layers). On
-    CUDA the layers are bracketed by CUDA events on the current stream (asynchronous: the run is not
-    serialised by the measurement), else by wall time. Median over `reps` calls after one warm-up."""
+    name; a layer inside another counted layer counts for the outer one; `label(module)` groups them by its
+    value instead), plus `total` (the whole call) and `other` (total minus the layers: conv_in/out,
+    embeddings, the final norm, and gaps between layers). On CUDA the layers are bracketed by CUDA events on
+    the current stream (asynchronous: the run is not serialised by the measurement), else by wall time.
+    Median over `reps` calls after one warm-up."""
     kinds = LAYER_KINDS if kinds is None else kinds
     cuda = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
 
@@ -269,7 +274,7 @@ def layer_times(model: torch.nn.Module, fn: Callable[[], Any], *, reps: int = 3,
         return a.elapsed_time(b) if cuda else (b - a) * 1e3
 
     per_call: list[dict[str, float]] = []
-    with _layer_marks(model, kinds, stamp) as marks:
+    with _layer_marks(model, kinds, stamp, label) as marks:
         for rep in range(reps + 1):
             marks.clear()
             start = stamp()

@@ -345,19 +345,32 @@ def table_from_rows(rows: list[dict[str, Any]], device_name: str,
     return table, extra
 
 
+TRANSFORMER_KINDS = {"SpatialTransformer": "spatial", "TemporalTransformer": "temporal"}
+
+
+def _transformer_level_times(model: torch.nn.Module, fn: Callable[[], Any]) -> dict[str, float]:
+    """Milliseconds per call of `fn` inside `model`'s transformers, summed per size (`gemm_level`), and `total`."""
+    from .common import layer_times
+
+    times = layer_times(model, fn, kinds=TRANSFORMER_KINDS, label=lambda m: m.gemm_level)
+    return {k: v for k, v in times.items() if k != "other"}
+
+
 def measure_transformer_gemm(device: torch.device, cfg: dict | None = None, videos: int = 1, frames: int = FRAMES,
-                             latent: int = 32, timer: Callable[[Callable[[], Any]], float] | None = None,
+                             latent: int = 32,
+                             level_timer: Callable[[torch.nn.Module, Callable[[], Any]], dict[str, float]] | None = None,
                              tolerance: float = 2e-2) -> dict[str, Any]:
     """How this GPU should run the transformers' GEMMs at inference: one eager UNet call (the `pixeldance`
-    preset, or `cfg`) on the CFG batch of `videos` videos, bf16, with the GEMMs on cuBLAS and fused. The fused
-    output is compared with cuBLAS's first (mean absolute difference over mean magnitude <= `tolerance`); it
-    is chosen only if it matches and is at least 3% faster. Returns the record a launch table keeps
-    ({"choice", "cublas_ms", "fused_ms", "rel_diff", "videos"}). `timer(fn)` gives milliseconds (CUDA events
-    by default)."""
+    preset, or `cfg`) on the CFG batch of `videos` videos, bf16, with the GEMMs on cuBLAS and fused, timed per
+    transformer size (`temporal_conv_table.gemm_level`: the fused GEMMs may win where a transformer's rows are
+    many and its K small, memory-bound, and lose where it is compute-bound). The fused output is compared with
+    cuBLAS's first (mean absolute difference over mean magnitude <= `tolerance`); each size takes the fused
+    GEMMs only if the outputs match and they were at least 3% faster there (`choose_transformer_gemm`).
+    Returns the record a launch table keeps ({"choice", "levels", "level_ms", "cublas_ms", "fused_ms",
+    "rel_diff", "videos"}; the *_ms totals are the whole call's). `level_timer(model, fn)` gives
+    {level: ms, "total": ms} (CUDA events by default)."""
     from pdengine.kernels.fused_linear import transformer_gemm
     from pdengine.model import UNet3D, preset_config
-
-    from .common import time_cuda
 
     cfg = cfg if cfg is not None else preset_config("pixeldance")
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -376,15 +389,22 @@ def measure_transformer_gemm(device: torch.device, cfg: dict | None = None, vide
     for mode in ("cublas", "fused"):
         with transformer_gemm(mode), torch.no_grad():
             outs[mode] = unet(x, t, ctx).float()
-            times[mode] = (timer or time_cuda)(lambda: unet(x, t, ctx))
+            times[mode] = (level_timer or _transformer_level_times)(unet, lambda: unet(x, t, ctx))
     rel = ((outs["fused"] - outs["cublas"]).abs().mean() / outs["cublas"].abs().mean().clamp_min(1e-12)).item()
-    return {"choice": choose_transformer_gemm(rel, times["cublas"], times["fused"], tolerance),
-            "cublas_ms": times["cublas"], "fused_ms": times["fused"], "rel_diff": rel, "videos": videos}
+    level_ms = {k: [times["cublas"][k], times["fused"].get(k, float("inf"))] for k in times["cublas"] if k != "total"}
+    choice, levels = choose_transformer_gemm(rel, level_ms, tolerance)
+    return {"choice": choice, "levels": levels, "level_ms": level_ms, "cublas_ms": times["cublas"]["total"],
+            "fused_ms": times["fused"]["total"], "rel_diff": rel, "videos": videos}
 
 
-def choose_transformer_gemm(rel_diff: float, cublas_ms: float, fused_ms: float, tolerance: float = 2e-2) -> str:
-    """"fused" only if its output matched cuBLAS's (`rel_diff` <= `tolerance`) and it was at least 3% faster."""
-    return "fused" if rel_diff <= tolerance and fused_ms < 0.97 * cublas_ms else "cublas"
+def choose_transformer_gemm(rel_diff: float, level_ms: dict[str, list[float]],
+                            tolerance: float = 2e-2) -> tuple[str, dict[str, str]]:
+    """Per transformer size, "fused" only if the outputs matched (`rel_diff` <= `tolerance`) and the fused GEMMs
+    were at least 3% faster there (`level_ms`: {level: [cublas_ms, fused_ms]}); returns (choice, levels) with
+    choice "fused" or "cublas" when every size agrees, else "per_level"."""
+    levels = {k: "fused" if rel_diff <= tolerance and f < 0.97 * c else "cublas" for k, (c, f) in level_ms.items()}
+    kinds = set(levels.values())
+    return (kinds.pop() if len(kinds) == 1 else "per_level") if kinds else "cublas", levels
 
 
 def tune(quick: bool = False, out: Path | None = None, json_path: Path | None = None):

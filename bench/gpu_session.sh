@@ -8,7 +8,7 @@
 # Seen on an H200 (2026-11-30): setup 15 s, tests 40 s, kernels 22 + 23 + 83 (temporal conv) + 40 s, sample
 # batch 1 about 40 s with Triton compiles and graph capture; batch 8 and train did not finish in 100 / 50 s.
 # Stages run in this order: tests, tune (`pdengine tune`: the temporal conv's launch table for this GPU, and
-# whether the transformers' fused GEMMs beat cuBLAS in one UNet call, then used by every later stage:
+# whether the transformers' fused GEMMs beat cuBLAS, per transformer size, in one UNet call, then used by every later stage:
 # PDENGINE_CONV_TABLE; `pdengine_graph` rows run that choice, `pdengine_graph_fused_gemm` forces fused), sample (end to end, and where one UNet call spends
 # its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train, compile (ours and
 # diffusers under torch.compile, batch 8). One call may run 600 s at most and a lease is 15 minutes
@@ -36,6 +36,10 @@ R=$OUT/results; mkdir -p "$R"
 STAGES=" ${STAGES:-tests tune sample kernels train} "
 on() { [[ "$STAGES" == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PDENGINE_GIT_SHA=$SHA
+# Compiled Triton kernels and Inductor code in git-ignored folders of the checkout, which the device keeps
+# between calls while the machine stays warm: call 2 reuses what call 1 compiled (tests, tune and sample
+# compile most kernel variants) instead of paying the compiles again inside its limits.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache} TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.inductor-cache}
 LOG=$OUT/session.log
 stage() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
 PD=(python3 -c 'import sys; from pdengine.engine.cli import main; sys.argv[0] = "pdengine"; main()')

@@ -240,6 +240,8 @@ def tune(quick, out_path, json_path):
     elif gemm:
         click.echo(f"transformer GEMMs: {gemm['choice']} (one UNet call: cuBLAS {gemm['cublas_ms']:.2f} ms, fused "
                    f"{gemm['fused_ms']:.2f} ms, outputs differ by {gemm['rel_diff']:.2e} relative)")
+        for level, (cublas_ms, fused_ms) in sorted(gemm.get("level_ms", {}).items()):
+            click.echo(f"  {level}: {gemm['levels'][level]} (cuBLAS {cublas_ms:.3f} ms, fused {fused_ms:.3f} ms)")
     bad = sum(r["status"] != "ok" for r in rows)
     click.echo(f"{table.describe()}: written to {path}" + (f"; {bad} candidates not ok (see --json)" if bad else ""))
 

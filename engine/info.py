@@ -109,8 +109,8 @@ def _transformer_gemm() -> str:
         return f"unavailable: {type(e).__name__}: {e}"
     mode = fused_linear.transformer_gemm_mode()
     if mode == "auto":
-        return ("auto (PDENGINE_TRANSFORMER_GEMM): per GPU, fused where `pdengine tune` found the fused GEMMs "
-                "faster (its launch table records it), else cublas")
+        return ("auto (PDENGINE_TRANSFORMER_GEMM): per GPU and transformer size, fused where `pdengine tune` "
+                "found the fused GEMMs faster (its launch table records it), else cublas")
     return f"{mode} (PDENGINE_TRANSFORMER_GEMM)"
 
 

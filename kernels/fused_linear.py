@@ -347,16 +347,24 @@ def transformer_gemm_mode() -> str:
     return _transformer_gemm
 
 
-def transformer_gemm_for(device: torch.device) -> str:
-    """"cublas" or "fused" on `device`: the setting, with "auto" resolved from the device's launch table
-    (`temporal_conv.table_for`: the GPU model's table, or `launch_table()`'s); "cublas" without a record."""
+def transformer_gemm_for(device: torch.device, level: str | None = None) -> str:
+    """"cublas" or "fused" for the transformer `level` (`temporal_conv_table.gemm_level`:
+    "spatial|temporal:<channels>:<inner>", which each transformer and its blocks carry) on `device`: the setting, with "auto" resolved from the
+    device's launch table (`temporal_conv.table_for`: the GPU model's table, or `launch_table()`'s); "cublas"
+    without a record. A record may choose per level ("per_level", with its "levels"; a level it does not
+    list runs cuBLAS); asked without a level, that gives "per_level"."""
     if _transformer_gemm != "auto":
         return _transformer_gemm
     from .temporal_conv import table_for
 
     table = table_for(device)
     record = table.transformer_gemm if table is not None else None
-    return record["choice"] if record else "cublas"
+    if not record:
+        return "cublas"
+    if record["choice"] == "per_level":
+        return "per_level" if level is None else record.get("levels", {}).get(level, "cublas")
+    return record["choice"]
+
 
 
 @contextlib.contextmanager

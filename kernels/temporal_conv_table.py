@@ -12,8 +12,9 @@ num_stages; split 0: the built-in rule for the batch at hand). Lookups are exact
 table does not hold runs the built-in tiles (`_gemm_config`, `_dgrad_config`, `_wgrad_config`).
 
 A table may also record, under "transformer_gemm", how this GPU runs the transformers' GEMMs at inference
-(`fused_linear.transformer_gemm_for`): {"choice": "cublas" | "fused", and the timings that chose it}, measured
-by `pdengine tune` on one UNet call each way.
+(`fused_linear.transformer_gemm_for`): {"choice": "cublas" | "fused" | "per_level", "levels": {level:
+"cublas" | "fused"} (per transformer size, `gemm_level`), and the timings that chose it},
+measured by `pdengine tune` on one UNet call each way, per transformer.
 
 Where the table for a device named N comes from, first found wins:
   1. $PDENGINE_CONV_TABLE: a file (for any device). An unreadable or malformed file is an error.
@@ -37,7 +38,7 @@ KINDS = ("fwd", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32")
 CUBLAS = "cublas"
 CUBLAS_IM2COL = "cublas_im2col"  # the single-GEMM cuBLAS variant of the conv and its transpose (fwd, dgrad)
-TRANSFORMER_GEMM_CHOICES = ("cublas", "fused")
+TRANSFORMER_GEMM_CHOICES = ("cublas", "fused", "per_level")
 TABLE_ENV = "PDENGINE_CONV_TABLE"
 PACKAGED_DIR = Path(__file__).parent / "conv_tables"
 _GEMM_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "prenorm")
@@ -60,16 +61,27 @@ class ConvTable:
     source: str  # where it was read from (a path), or "memory"
     entries: dict[tuple[str, str, int, int, int], Entry]
     meta: dict[str, Any] = field(default_factory=dict)
-    transformer_gemm: dict[str, Any] | None = None  # {"choice": "cublas" | "fused", timings}: see the docstring
+    transformer_gemm: dict[str, Any] | None = None  # {"choice", "levels", timings}: see the docstring
 
     def lookup(self, kind: str, dtype: str, c_out: int, c_in: int, hw: int) -> Entry | None:
         return self.entries.get((kind, dtype, c_out, c_in, hw))
 
     def describe(self) -> str:
         versions = ", ".join(f"{k} {self.meta[k]}" for k in ("triton", "torch") if k in self.meta)
-        gemm = f", transformer GEMMs: {self.transformer_gemm['choice']}" if self.transformer_gemm else ""
+        gemm = ""
+        if self.transformer_gemm:
+            gemm = f", transformer GEMMs: {self.transformer_gemm['choice']}"
+            if self.transformer_gemm["choice"] == "per_level":
+                fused = sorted(k for k, v in self.transformer_gemm["levels"].items() if v == "fused")
+                gemm += f" (fused at {', '.join(fused) or 'none'})"
         return f"{len(self.entries)} entries{gemm} tuned on {self.device} ({self.source}" + \
             (f"; {versions})" if versions else ")")
+
+
+def gemm_level(kind: str, channels: int, inner: int) -> str:
+    """The key of one transformer size ("spatial" or "temporal", its channels and inner width) in a table's
+    per-level transformer GEMM choice."""
+    return f"{kind}:{channels}:{inner}"
 
 
 def slug(device_name: str) -> str:
@@ -149,6 +161,11 @@ def parse(data: Any, source: str) -> ConvTable:
     if gemm is not None and (not isinstance(gemm, dict) or gemm.get("choice") not in TRANSFORMER_GEMM_CHOICES):
         raise ValueError(f"{source}: transformer_gemm must be an object whose choice is one of "
                          f"{TRANSFORMER_GEMM_CHOICES}, got {gemm!r}")
+    levels = gemm.get("levels") if gemm is not None else None
+    if gemm is not None and gemm["choice"] == "per_level" and (
+            not isinstance(levels, dict) or any(v not in ("cublas", "fused") for v in levels.values())):
+        raise ValueError(f"{source}: a per_level transformer_gemm needs \"levels\": an object of \"cublas\" or "
+                         f"\"fused\" per level, got {levels!r}")
     return ConvTable(data["device"], source, entries, meta if isinstance(meta, dict) else {}, gemm)
 
 

@@ -93,7 +93,7 @@ def fused_transformer_gemms(x: torch.Tensor, module: nn.Module, backend: str) ->
         return False
     from pdengine.kernels.fused_linear import transformer_gemm_for
 
-    return transformer_gemm_for(x.device) == "fused" and not needs_grad(x, module)
+    return transformer_gemm_for(x.device, module.gemm_level) == "fused" and not needs_grad(x, module)
 
 
 def _proj_in(module: nn.Module, t: torch.Tensor, fused: bool) -> tuple[torch.Tensor, Any]:
@@ -276,6 +276,7 @@ class FeedForward(nn.Module):
         super().__init__()
         inner = dim * mult
         self.backend = backend
+        self.gemm_level: str | None = None  # the transformer size it belongs to (`_set_gemm_level`)
         self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,7 +286,8 @@ class FeedForward(nn.Module):
 
             proj = self.net[0].proj
             grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-            if not grad and not torch.compiler.is_compiling() and transformer_gemm_for(x.device) == "fused":
+            if not grad and not torch.compiler.is_compiling() and \
+                    transformer_gemm_for(x.device, self.gemm_level) == "fused":
                 x = ff_geglu(x, proj.weight, proj.bias)
             else:
                 x = geglu(proj(x))
@@ -297,6 +299,16 @@ class FeedForward(nn.Module):
 
 class _BackendSwitch:
     """`backend` of a transformer layer: setting it also switches its feed-forwards' GEGLU kernel."""
+
+    def _set_gemm_level(self, kind: str, channels: int, inner: int) -> None:
+        """Name this transformer's size (`temporal_conv_table.gemm_level`) on it, its blocks and their
+        feed-forwards: a launch table may choose the fused or the cuBLAS GEMMs per transformer size."""
+        from pdengine.kernels.temporal_conv_table import gemm_level
+
+        level = gemm_level(kind, channels, inner)
+        for m in self.modules():
+            if isinstance(m, (_BackendSwitch, TransformerBlock, FeedForward)):
+                m.gemm_level = level
 
     @property
     def backend(self) -> str:
@@ -323,6 +335,7 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim, backend=backend)
         self._self_attn2 = cross_attention_dim is None
+        self.gemm_level: str | None = None  # set by the transformer holding it
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, partials: Any = None) -> torch.Tensor:
         """`partials`: in the fused mode, x's LayerNorm statistics from the GEMM that wrote it
@@ -456,6 +469,7 @@ class SpatialTransformer(_BackendSwitch, nn.Module):
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, cross_attention_dim,
                                                                   backend)])
         self.proj_out = nn.Linear(inner, channels)
+        self._set_gemm_level("spatial", channels, inner)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         bf, c, h, w = x.shape
@@ -493,6 +507,7 @@ class TemporalTransformer(_BackendSwitch, nn.Module):
         self.proj_in = nn.Linear(channels, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, dim_head, None, backend)])
         self.proj_out = nn.Linear(inner, channels)
+        self._set_gemm_level("temporal", channels, inner)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         bf, c, h, w = x.shape

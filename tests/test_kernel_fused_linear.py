@@ -336,10 +336,26 @@ def test_auto_mode_follows_the_launch_table():
     cpu = torch.device("cpu")
     fused = ct.parse({"device": "g", "entries": [], "transformer_gemm": {"choice": "fused"}}, "test")
     plain = ct.parse({"device": "g", "entries": []}, "test")
+    per_level = ct.parse({"device": "g", "entries": [], "transformer_gemm": {
+        "choice": "per_level", "levels": {"spatial:16:16": "fused", "temporal:16:16": "cublas"}}}, "test")
     with transformer_gemm("auto"):
         assert transformer_gemm_for(cpu) == "cublas"  # no table on the CPU
         with tc.launch_table(plain):
             assert transformer_gemm_for(cpu) == "cublas"
+        with tc.launch_table(per_level):
+            assert transformer_gemm_for(cpu) == "per_level"
+            assert [transformer_gemm_for(cpu, lv) for lv in ("spatial:16:16", "temporal:16:16", "spatial:32:32")] == \
+                ["fused", "cublas", "cublas"]  # a size the record does not list runs cuBLAS
+            from pdengine.model.layers import SpatialTransformer, TemporalTransformer
+
+            torch.manual_seed(0)
+            spatial = SpatialTransformer(16, 2, 8, 4, 12, backend="triton").eval()
+            temporal = TemporalTransformer(16, 2, 8, 4, backend="triton").eval()
+            with torch.no_grad():
+                spatial(_t((2, 16, 2, 2), seed=52), _t((2, 3, 12), seed=53))
+                temporal(_t((4, 16, 2, 2), seed=54), 2)
+            assert getattr(spatial.transformer_blocks[0], "_fold_cache", None) is not None  # ran fused
+            assert getattr(temporal.transformer_blocks[0], "_fold_cache", None) is None  # ran on cuBLAS
         with tc.launch_table(fused):
             assert transformer_gemm_for(cpu) == "fused"
             with transformer_gemm("cublas"):
@@ -352,22 +368,64 @@ def test_auto_mode_follows_the_launch_table():
                 assert_close(fast(x, ctx), slow(x, ctx), name="auto -> fused", scale=2.0)
 
 
-def test_tune_measures_the_transformer_gemms_on_a_unet_call():
-    """`pdengine tune`'s measurement (run here on a tiny UNet on the CPU with a fake timer): one call each way,
-    each mode timed under its own setting, the outputs compared; fused chosen only when its output matches
-    cuBLAS's and it is at least 3% faster."""
-    from pdengine.bench.conv_configs import choose_transformer_gemm, measure_transformer_gemm
-    from pdengine.kernels.fused_linear import transformer_gemm_mode
+def _tiny_unet_config():
     from pdengine.model.config import resolve_config
 
-    cfg = resolve_config(dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=[
+    return resolve_config(dict(block_out_channels=[16, 32], layers_per_block=1, down_block_types=[
         "CrossAttnDownBlock3D", "DownBlock3D"], up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"], norm_num_groups=8,
         attention_head_dim=8, cross_attention_dim=16, in_channels=8, out_channels=4))
-    rec = measure_transformer_gemm(torch.device("cpu"), cfg=cfg, frames=2, latent=4,
-                                   timer=lambda fn: 9.0 if transformer_gemm_mode() == "fused" else 10.0)
-    assert rec["choice"] == "fused" and rec["rel_diff"] < 1e-4 and (rec["cublas_ms"], rec["fused_ms"]) == (10.0, 9.0)
-    assert choose_transformer_gemm(1e-3, 10.0, 9.9) == "cublas"  # under 3% faster: not worth a second path
-    assert choose_transformer_gemm(0.5, 10.0, 5.0) == "cublas"  # outputs differ: never chosen however fast
+
+
+def _transformer_sizes(cfg) -> set[str]:
+    from pdengine.kernels.temporal_conv_table import gemm_level
+    from pdengine.model import UNet3D
+    from pdengine.model.layers import SpatialTransformer, TemporalTransformer
+
+    return {gemm_level("spatial" if isinstance(m, SpatialTransformer) else "temporal", m.proj_in.in_features,
+                       m.proj_in.out_features)
+            for m in UNet3D(cfg).modules() if isinstance(m, (SpatialTransformer, TemporalTransformer))}
+
+
+def test_tune_measures_the_transformer_gemms_per_transformer_size():
+    """`pdengine tune`'s measurement (run here on a tiny UNet on the CPU with a fake per-level timer): one call
+    each way, each mode timed under its own setting, the outputs compared; each transformer size takes the
+    fused GEMMs only where its output matches cuBLAS's and they are at least 3% faster there."""
+    from pdengine.bench.conv_configs import (
+        TRANSFORMER_KINDS,
+        choose_transformer_gemm,
+        measure_transformer_gemm,
+    )
+    from pdengine.kernels.fused_linear import transformer_gemm_mode
+
+    def level_timer(model, fn):  # the spatial transformers 10% faster fused, the temporal ones 10% slower
+        fn()
+        fused = transformer_gemm_mode() == "fused"
+        levels = {m.gemm_level for m in model.modules() if type(m).__name__ in TRANSFORMER_KINDS}
+        times = {lv: (0.9 if lv.startswith("spatial") else 1.1) if fused else 1.0 for lv in levels}
+        return {**times, "total": 5.0 if fused else 6.0}
+
+    rec = measure_transformer_gemm(torch.device("cpu"), cfg=_tiny_unet_config(), frames=2, latent=4,
+                                   level_timer=level_timer)
+    assert rec["rel_diff"] < 1e-4 and (rec["cublas_ms"], rec["fused_ms"]) == (6.0, 5.0)
+    # spatial:16:16, spatial:32:32 (the mid block), temporal:16:16, temporal:32:32 and the UNet's transformer_in
+    assert rec["choice"] == "per_level" and set(rec["levels"]) == _transformer_sizes(_tiny_unet_config())
+    assert all(v == ("fused" if k.startswith("spatial") else "cublas") for k, v in rec["levels"].items())
+    assert choose_transformer_gemm(1e-3, {"a": [10.0, 9.0], "b": [1.0, 0.5]}) == ("fused", {"a": "fused", "b": "fused"})
+    assert choose_transformer_gemm(1e-3, {"a": [10.0, 9.9]})[0] == "cublas"  # under 3% faster: not worth it
+    assert choose_transformer_gemm(0.5, {"a": [10.0, 5.0]})[0] == "cublas"  # outputs differ: never, however fast
+
+
+def test_transformer_level_times_group_the_transformers_by_size():
+    """The default per-level timer on a real (tiny) UNet call: one entry per transformer size, and the total."""
+    from pdengine.bench.conv_configs import _transformer_level_times
+    from pdengine.model import UNet3D
+
+    unet = UNet3D(_tiny_unet_config()).eval()
+    x, ctx = torch.randn(1, 8, 2, 4, 4), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        times = _transformer_level_times(unet, lambda: unet(x, 10, ctx))
+    assert set(times) == _transformer_sizes(_tiny_unet_config()) | {"total"}
+    assert all(v >= 0 for v in times.values()) and times["total"] >= sum(v for k, v in times.items() if k != "total")
 
 
 def test_compile_specs_no_spills():

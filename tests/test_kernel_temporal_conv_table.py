@@ -67,6 +67,16 @@ def test_transformer_gemm_record_round_trip(tmp_path):
     assert ct.read(ct.write(table(entry("fwd", "cublas")), tmp_path / "u.json")).transformer_gemm is None
     with pytest.raises(ValueError, match="test: transformer_gemm must be"):
         ct.parse({"device": "g", "entries": [], "transformer_gemm": {"choice": "cudnn"}}, "test")
+    # Per transformer size: the levels that run fused are named; levels must say cublas or fused.
+    t.transformer_gemm = {"choice": "per_level", "levels": {ct.gemm_level("spatial", 320, 320): "fused",
+                                                            ct.gemm_level("temporal", 1280, 1280): "cublas"}}
+    back = ct.read(ct.write(t, tmp_path / "p.json"))
+    assert back.transformer_gemm == t.transformer_gemm
+    assert "transformer GEMMs: per_level (fused at spatial:320:320)" in back.describe()
+    for levels in (None, {"spatial:320:320": "cudnn"}):
+        with pytest.raises(ValueError, match="test: a per_level transformer_gemm needs"):
+            ct.parse({"device": "g", "entries": [], "transformer_gemm": {"choice": "per_level", "levels": levels}},
+                     "test")
 
 
 @pytest.mark.parametrize("bad,match", [
