@@ -62,7 +62,8 @@ torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 stage gpu tests
 on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
   tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_kernel_geglu.py \
-  tests/test_kernel_fused_linear.py tests/test_kernel_group_norm_silu.py tests/test_schedulers.py \
+  tests/test_kernel_fused_linear.py tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py \
+  tests/test_schedulers.py \
   tests/test_pipeline.py \
   >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 
@@ -80,7 +81,7 @@ timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $SB --steps 50 
   --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_fused_gemm,diffusers_eager,breakdown}" \
   --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
 
-for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear group_norm_silu latent_update concat_cond}; do
+for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear group_norm_silu add_layer_norm latent_update concat_cond}; do
   on kernels || continue
   stage "bench kernels $fam"
   timeout "${T_KERNELS:-90}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \

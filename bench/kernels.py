@@ -54,7 +54,7 @@ from .common import (
 from .plot import write_plot
 
 FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu", "fused_linear",
-            "group_norm_silu")
+            "group_norm_silu", "add_layer_norm")
 DIRECTIONS_WITH_BACKWARD = ("fwd", "bwd", "fwd+bwd")
 FRAMES = 16
 LEVELS = ((32, 320), (16, 640), (8, 1280), (4, 1280))  # (H = W, channels) of the UNet levels, 32x32 latent
@@ -682,6 +682,52 @@ def _gns_compile(s: dict[str, Any]) -> Workload:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# add_layer_norm
+
+
+def _add_layer_norm_cases(levels: Iterable[tuple[int, int]], videos: int, frames: int) -> list[Case]:
+    """A transformer block's residual add + next LayerNorm at each level, on the 2 * videos * frames * H * W
+    token rows of the CFG batch (inference: forward only)."""
+    cases = []
+    for hw, c in levels:
+        rows = 2 * videos * frames * hw * hw
+
+        def make(device: str, dtype: torch.dtype, rows=rows, c=c) -> dict[str, Any]:
+            torch.manual_seed(0)
+            return {"x": torch.randn(rows, c, device=device, dtype=dtype),
+                    "y": torch.randn(rows, c, device=device, dtype=dtype),
+                    "w": 1.0 + 0.1 * torch.randn(c, device=device, dtype=dtype),
+                    "b": 0.1 * torch.randn(c, device=device, dtype=dtype)}
+
+        def modeled(dtype: torch.dtype, rows=rows, c=c) -> Any:
+            from pdengine.kernels.add_layer_norm import modeled_bytes
+
+            return {"fwd": modeled_bytes(rows, c, dtype)}
+
+        cases.append(Case("add_layer_norm", f"N{rows} C{c} ({hw}x{hw})", "residual add + LayerNorm", ("fwd",), make,
+                          {"triton": _aln_triton, "torch_ref": _aln_ref, "torch_compile": _aln_compile}, modeled))
+    return cases
+
+
+def _aln_triton(s: dict[str, Any]) -> Workload:
+    from pdengine.kernels.add_layer_norm import add_layer_norm
+
+    # (norm, sum): the rows compare the LayerNorm's output, the first tensor returned
+    return Workload(lambda: add_layer_norm(s["x"], s["y"], s["w"], s["b"], 1e-5)[::-1])
+
+
+def _aln_ref(s: dict[str, Any], compile: bool = False) -> Workload:
+    from pdengine.kernels.add_layer_norm_ref import add_layer_norm_ref
+
+    fn = torch.compile(add_layer_norm_ref, dynamic=False) if compile else add_layer_norm_ref
+    return Workload(lambda: fn(s["x"], s["y"], s["w"], s["b"], 1e-5)[::-1])
+
+
+def _aln_compile(s: dict[str, Any]) -> Workload:
+    return _aln_ref(s, compile=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Cases
 
 
@@ -709,6 +755,8 @@ def build_cases(families: Iterable[str], quick: bool, videos: int = VIDEOS, fram
             cases += _fused_linear_cases(lv, videos, frames)
         elif fam == "group_norm_silu":
             cases += _group_norm_silu_cases(lv, videos, frames)
+        elif fam == "add_layer_norm":
+            cases += _add_layer_norm_cases(lv, videos, frames)
         else:
             raise ValueError(f"unknown kernel family {fam!r} (known: {', '.join(FAMILIES)})")
     return cases

@@ -1,6 +1,6 @@
-"""Triton kernels for the PixelDance hot spots (temporal conv, temporal attention, concat
-conditioning, noisy-latent update, the transformers' GEGLU and fused linears), each beside its pure-PyTorch
-reference."""
+"""Triton kernels for the PixelDance hot spots (temporal conv, temporal attention, concat conditioning,
+noisy-latent update, the transformers' GEGLU, fused linears and add + LayerNorm, the ResNets' GroupNorm +
+SiLU), each beside its pure-PyTorch reference."""
 
 from __future__ import annotations
 

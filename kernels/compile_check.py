@@ -232,6 +232,7 @@ def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> Compil
 def all_specs() -> list[CompileSpec]:
     """Every kernel launch of the kernel families at the `pixeldance` preset's shapes."""
     from . import (
+        add_layer_norm,
         concat_cond,
         fused_linear,
         geglu,
@@ -243,6 +244,6 @@ def all_specs() -> list[CompileSpec]:
 
     specs: list[CompileSpec] = []
     for module in (temporal_conv, temporal_attention, concat_cond, latent_update, geglu, fused_linear,
-                   group_norm_silu):
+                   group_norm_silu, add_layer_norm):
         specs.extend(module.compile_specs())
     return specs

@@ -343,9 +343,14 @@ class TransformerBlock(nn.Module):
         if self._fused_inference(x):
             return self._forward_fused(x, context, partials=partials)
         if use_kernels(self.ff.backend, x):  # one packed q/k/v GEMM (x read once), as the temporal blocks do
-            x = x + _packed_self_attention(self.attn1, self.norm1(x))
+            y = _packed_self_attention(self.attn1, self.norm1(x))
         else:
-            x = x + self.attn1(self.norm1(x))
+            y = self.attn1(self.norm1(x))
+        if self._add_norm_kernel(x):
+            x, h = _add_norm(x, y, self.norm2)
+            x, h = _add_norm(x, self.attn2(h, context), self.norm3)
+            return x + self.ff(h)
+        x = x + y
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -354,9 +359,27 @@ class TransformerBlock(nn.Module):
         q/k/v come from one fused projection GEMM and the kernel reads them in place (no permutes)."""
         if self._fused_inference(t):
             return self._forward_fused(t, None, (num_frames, pixels), partials)
-        t = t + _kernel_self_attention(self.attn1, self.norm1(t), num_frames, pixels)
+        y = _kernel_self_attention(self.attn1, self.norm1(t), num_frames, pixels)
+        if self._add_norm_kernel(t):
+            t, h = _add_norm(t, y, self.norm2)
+            t, h = _add_norm(t, _kernel_self_attention(self.attn2, h, num_frames, pixels), self.norm3)
+            return t + self.ff(h)
+        t = t + y
         t = t + _kernel_self_attention(self.attn2, self.norm2(t), num_frames, pixels)
         return t + self.ff(self.norm3(t))
+
+    def _add_norm_kernel(self, x: torch.Tensor) -> bool:
+        """Whether the residual adds run with the next LayerNorm as one kernel (kernels/add_layer_norm.py):
+        kernels on, no gradients, eager (the compiler fuses them itself), rows of at most 2048 channels."""
+        if not use_kernels(self.ff.backend, x) or needs_grad(x, self) or torch.compiler.is_compiling():
+            return False
+        if x.shape[-1] > 2048:
+            if not getattr(self, "_warned_add_norm", False):
+                self._warned_add_norm = True
+                logger.warning("pdengine transformer block: %d channels is over the add + LayerNorm kernel's 2048; "
+                               "this block runs them as separate ops", x.shape[-1])
+            return False
+        return True
 
     # -- inference with the transformer GEMMs fused (`PDENGINE_TRANSFORMER_GEMM=fused`) ----------------------
 
@@ -437,6 +460,13 @@ def _attend_packed(attn: Attention, qkv: torch.Tensor, frames: tuple[int, int] |
 
         return temporal_attention_qkv(qkv, frames[0], attn.heads, pixels=frames[1])
     return _sdpa(attn, *qkv.chunk(3, dim=-1))
+
+
+def _add_norm(x: torch.Tensor, y: torch.Tensor, norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, norm(x + y)) in one Triton pass."""
+    from pdengine.kernels.add_layer_norm import add_layer_norm
+
+    return add_layer_norm(x, y, norm.weight, norm.bias, norm.eps)
 
 
 def _packed_self_attention(attn: Attention, h: torch.Tensor) -> torch.Tensor:
