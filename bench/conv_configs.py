@@ -427,7 +427,7 @@ def tune(quick: bool = False, out: Path | None = None, json_path: Path | None = 
     rows: list[dict[str, Any]] = []
     table = extra = None
     device = torch.device("cuda", torch.cuda.current_device())
-    try:  # first, as it is quick: the transformers' GEMMs, one UNet call each way (built-in conv tiles)
+    try:  # first, as it is quick: the transformers' GEMMs, a few UNet calls each way (built-in conv tiles)
         with tc.launch_table(None):
             gemm = measure_transformer_gemm(device)
     except Exception as e:  # recorded, never fatal: the conv table is measured either way

@@ -96,16 +96,16 @@ def _gn_silu_kernel(
     for c0 in range(0, CPG, BLOCK_C):
         cs = c0 + rows
         c_ok = cs < CPG
-        # y = gamma * (v - mean) * rstd + beta = v * scale + offset, per channel
+        # y = (v - mean) * (rstd * gamma) + beta, the per-channel factors once per tile row (centred first:
+        # no cancellation when |mean| >> std)
         scale = tl.where(c_ok, rstd, 0.0)
-        offset = -mean * scale
+        beta = tl.zeros((BLOCK_C,), dtype=tl.float32)
         if HAS_AFFINE:
-            gamma = tl.load(w_ptr + g * CPG + cs, mask=c_ok, other=0.0).to(tl.float32)
-            scale = scale * gamma
-            offset = offset * gamma + tl.load(b_ptr + g * CPG + cs, mask=c_ok, other=0.0).to(tl.float32)
+            scale = scale * tl.load(w_ptr + g * CPG + cs, mask=c_ok, other=0.0).to(tl.float32)
+            beta = tl.load(b_ptr + g * CPG + cs, mask=c_ok, other=0.0).to(tl.float32)
         for h0 in range(0, HW, BLOCK_HW):
             v, ok = _load_tile(x_ptr, shift_ptr, base, shift_base, cs, c_ok, h0 + hw, HW, HAS_SHIFT)
-            y = v * scale[:, None] + offset[:, None]
+            y = (v - mean) * scale[:, None] + beta[:, None]
             y = y / (1.0 + tl.exp(-y))
             tl.store(y_ptr + base + cs[:, None] * HW + (h0 + hw)[None, :], _cast(y, y_ptr.dtype.element_ty,
                      INTERPRETED), mask=ok)

@@ -298,7 +298,8 @@ class FeedForward(nn.Module):
 
 
 class _BackendSwitch:
-    """`backend` of a transformer layer: setting it also switches its feed-forwards' GEGLU kernel."""
+    """`backend` of a transformer layer: setting it also switches its feed-forwards' GEGLU kernel. Also names the
+    layer's size for the per-size transformer GEMM choice (`_set_gemm_level`)."""
 
     def _set_gemm_level(self, kind: str, channels: int, inner: int) -> None:
         """Name this transformer's size (`temporal_conv_table.gemm_level`) on it, its blocks and their

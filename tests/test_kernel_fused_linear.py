@@ -398,7 +398,6 @@ def test_tune_measures_the_transformer_gemms_per_transformer_size():
     from pdengine.kernels.fused_linear import transformer_gemm_mode
 
     def level_timer(model, fn):  # the spatial transformers 10% faster fused, the temporal ones 10% slower
-        fn()
         fused = transformer_gemm_mode() == "fused"
         levels = {m.gemm_level for m in model.modules() if type(m).__name__ in TRANSFORMER_KINDS}
         times = {lv: (0.9 if lv.startswith("spatial") else 1.1) if fused else 1.0 for lv in levels}
