@@ -558,10 +558,28 @@ def test_cli_module_does_not_import_torch():
 # ------------------------------------------------------------------------------------------ two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct ports that are free now and below the kernel's ephemeral range: the runs use them one after
+    another, and a port taken from the ephemeral range (bind to port 0) could meanwhile become the local end of
+    one of gloo's connections in an earlier run (EADDRINUSE, seen in CI)."""
+    import random
+
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng, ports = random.Random(), []
+    while len(ports) < n:
+        port = rng.randrange(10000, max(10001, low - 1))
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 def _ddp_worker(rank: int, world: int, ports: list[int], config: dict, fsdp_config: dict, nan_config: dict) -> None:
@@ -602,7 +620,7 @@ def test_two_processes_match_one(tiny_pipeline_dir, cache_dir, tmp_path):
                     **common).to_dict()
     nan_cfg = _cfg(tiny_pipeline_dir, cache_dir, tmp_path / "nan", batch_size=1, **common).to_dict()
     (tmp_path / "nan").mkdir()
-    ports = [_free_port() for _ in range(4)]
+    ports = _free_ports(4)
     torch.multiprocessing.spawn(_ddp_worker, args=(2, ports, cfg, fsdp_cfg, nan_cfg), nprocs=2)
     for run in ("two", "fsdp"):
         rows = _rows(tmp_path / run)
