@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,11 +189,35 @@ print(json.dumps(out))
 """
 
 
-def compile_all(specs: list[CompileSpec], archs: tuple[int, ...] = ARCHS, use_cache: bool = True) -> list[CompileReport]:
+def _compile_in_children(todo: list[tuple[CompileSpec, int, Path]], workers: int | None) -> list[CompileReport]:
+    """Compile `todo` in child processes with the interpreter off, which re-import the kernel modules and find
+    the specs by name (spec names must be unique within a module): `workers` of them side by side (default:
+    one per CPU core), each taking every `workers`-th job, so each pays Python's and Triton's start-up once."""
+    import sys
+
+    jobs = [[_module_of(spec), spec.name, arch] for spec, arch, _ in todo]
+    n = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+
+    def run(i: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs[i::n]), capture_output=True,
+                              text=True, env=env)
+
+    with ThreadPoolExecutor(n) as pool:
+        procs = list(pool.map(run, range(n)))
+    made: list[CompileReport | None] = [None] * len(jobs)
+    for i, proc in enumerate(procs):
+        if proc.returncode != 0:
+            raise RuntimeError(f"compile check child process failed:\n{proc.stderr[-4000:]}")
+        made[i::n] = [CompileReport(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+    return made  # type: ignore[return-value]
+
+
+def compile_all(specs: list[CompileSpec], archs: tuple[int, ...] = ARCHS, use_cache: bool = True,
+                workers: int | None = None) -> list[CompileReport]:
     """Compile every spec for every arch (cached). Under the Triton interpreter (`TRITON_INTERPRET=1`, the
-    CPU test setting) `@triton.jit` yields interpreted functions that cannot be compiled, so the work
-    runs in one child process with the interpreter off, which re-imports the kernel modules and finds the
-    specs by name (spec names must be unique within a module)."""
+    CPU test setting) `@triton.jit` yields interpreted functions that cannot be compiled, so the work runs
+    in child processes with the interpreter off (`_compile_in_children`; `workers` of them)."""
     reports: dict[tuple[str, int], CompileReport] = {}
     todo: list[tuple[CompileSpec, int, Path]] = []
     for spec in specs:
@@ -204,15 +229,7 @@ def compile_all(specs: list[CompileSpec], archs: tuple[int, ...] = ARCHS, use_ca
                 todo.append((spec, arch, cache_file))
     if todo:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            import sys
-
-            jobs = [[_module_of(spec), spec.name, arch] for spec, arch, _ in todo]
-            env = {**os.environ, "TRITON_INTERPRET": "0"}
-            proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(jobs), capture_output=True,
-                                  text=True, env=env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compile check child process failed:\n{proc.stderr[-4000:]}")
-            made = [CompileReport(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+            made = _compile_in_children(todo, workers)
         else:
             made = [_compile_here(spec, arch) for spec, arch, _ in todo]
         for (spec, arch, cache_file), report in zip(todo, made):

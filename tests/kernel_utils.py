@@ -49,16 +49,16 @@ def assert_compiles_clean(specs, count: int) -> None:
     """Each of `count` distinct compile specs compiles for every target arch with no spilled bytes (local
     memory or stack), the matrix-multiplying ones use tensor cores, and the streaming ones (a
     `max_narrow_global` bound) move their activations as words or vectors."""
-    from pdengine.kernels.compile_check import ARCHS, compile_spec
+    from pdengine.kernels.compile_check import compile_all
 
     assert len({s.name for s in specs}) == len(specs) == count
-    for spec in specs:
-        for arch in ARCHS:
-            report = compile_spec(spec, arch)
-            assert report.local_bytes == 0 and report.stack_bytes == 0, f"{spec.name} sm{arch} spills"
-            if spec.expects_mma:
-                assert report.mma_instructions > 0, f"{spec.name} sm{arch} has no tensor-core instructions"
-            if spec.max_narrow_global is not None:
-                assert report.narrow_global <= spec.max_narrow_global, (
-                    f"{spec.name} sm{arch}: {report.narrow_global} sub-word global accesses (at most "
-                    f"{spec.max_narrow_global}): the activation is not moved as words or vectors")
+    by_name = {s.name: s for s in specs}
+    for report in compile_all(specs):  # every spec for every arch, in parallel child processes
+        spec, arch = by_name[report.name], report.arch
+        assert report.local_bytes == 0 and report.stack_bytes == 0, f"{spec.name} sm{arch} spills"
+        if spec.expects_mma:
+            assert report.mma_instructions > 0, f"{spec.name} sm{arch} has no tensor-core instructions"
+        if spec.max_narrow_global is not None:
+            assert report.narrow_global <= spec.max_narrow_global, (
+                f"{spec.name} sm{arch}: {report.narrow_global} sub-word global accesses (at most "
+                f"{spec.max_narrow_global}): the activation is not moved as words or vectors")
