@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pdengine.model.layers import kernel_problem
+
 logger = logging.getLogger("pdengine")
 
 
@@ -82,7 +84,11 @@ class StaticSampler:
         self.stochastic = bucket.sampler == "ddpm" or bucket.eta > 0
         # The fused update kernel needs the linear form of the scheduler step (no x_0 clipping).
         linear = not scheduler.config.clip_sample
-        self.fused_update = linear and (fused_update if fused_update is not None else self.device.type == "cuda")
+        problem = kernel_problem(self.latents)  # a GPU older than the Triton kernels support
+        if fused_update and problem:
+            raise RuntimeError(f"the fused latent-update kernel cannot run here: {problem}")
+        on_gpu = self.device.type == "cuda" and not problem
+        self.fused_update = linear and (fused_update if fused_update is not None else on_gpu)
         if (fused_update and not linear):
             logger.warning("pdengine sampler: clip_sample=True makes the scheduler step non-linear: the fused "
                            "latent-update kernel is off, the reference step runs instead")

@@ -22,12 +22,43 @@ from torch import nn
 logger = logging.getLogger("pdengine")
 
 
+# Triton generates code for NVIDIA GPUs of compute capability 8.0 and newer (Ampere, Ada, Hopper, ...); the
+# kernels also use bf16 tensor-core instructions and asynchronous copies, which older GPUs lack.
+MIN_CAPABILITY = (8, 0)
+
+
+@torch.compiler.assume_constant_result  # read once while tracing, a constant in the compiled graph
+def gpu_kernel_problem(index: int) -> str:
+    """Why CUDA device `index` cannot run the Triton kernels ("" when it can)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if (major, minor) >= MIN_CAPABILITY:
+        return ""
+    return (f"{torch.cuda.get_device_name(index)} is compute capability {major}.{minor}; the Triton kernels "
+            f"need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere, Ada, Hopper)")
+
+
+def kernel_problem(x: torch.Tensor) -> str:
+    """Why the Triton kernels cannot run on x's device ("" when they can: CPU and meta tensors have no
+    such limit here; `use_kernels` handles the interpreter)."""
+    if not x.is_cuda:
+        return ""
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return gpu_kernel_problem(index)
+
+
 def use_kernels(backend: str, x: torch.Tensor) -> bool:
-    """Whether a layer runs its Triton kernel for input `x`: always for "triton", on CUDA tensors for
-    "auto", never for "torch". CPU tensors reach the kernels only through the Triton interpreter; `meta`
-    tensors (shape-only counting) reach their operators' fake implementations."""
+    """Whether a layer runs its Triton kernel for input `x`: always for "triton", on CUDA tensors of a GPU
+    the kernels support for "auto" (the UNet says once when it falls back, and why), never for "torch". CPU
+    tensors reach the kernels only through the Triton interpreter; `meta` tensors (shape-only counting) reach
+    their operators' fake implementations. "triton" on a GPU older than `MIN_CAPABILITY` is an error."""
     if backend == "torch" or (backend == "auto" and not x.is_cuda):
         return False
+    if x.is_cuda:
+        problem = kernel_problem(x)
+        if problem and backend == "triton":
+            raise RuntimeError(f"backend='triton': {problem}; use backend='auto' (the PyTorch reference there) "
+                               "or 'torch'")
+        return not problem
     if not x.is_cuda and not x.is_meta and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels in Triton's CPU "
@@ -285,8 +316,7 @@ class FeedForward(nn.Module):
             from pdengine.kernels.geglu import ff_geglu, geglu
 
             proj = self.net[0].proj
-            grad = torch.is_grad_enabled() and (x.requires_grad or proj.weight.requires_grad)
-            if not grad and not torch.compiler.is_compiling() and \
+            if not needs_grad(x, proj) and not torch.compiler.is_compiling() and \
                     transformer_gemm_for(x.device, self.gemm_level) == "fused":
                 x = ff_geglu(x, proj.weight, proj.bias)
             else:

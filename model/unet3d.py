@@ -39,6 +39,7 @@ from .layers import (
     TimestepEmbedding,
     Upsample2D,
     group_norm_silu,
+    kernel_problem,
     logger,
     timestep_embedding,
     use_kernels,
@@ -247,6 +248,8 @@ class UNet3D(nn.Module):
             self._announced = True
             on = use_kernels(self._backend, sample)
             active = "Triton kernels" if on else "PyTorch reference"
+            if not on and sample.is_cuda:
+                active += f" ({kernel_problem(sample)})"
             gemms = ""
             if on:
                 from pdengine.kernels.fused_linear import transformer_gemm_for, transformer_gemm_mode

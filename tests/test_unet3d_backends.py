@@ -172,3 +172,24 @@ def test_triton_backend_trains_under_compile_as_one_graph():
             "pdengine.group_norm_silu_backward.default"} <= ops
     for name, want in grads["eager"].items():
         assert_close(grads["compiled"][name], want, name=f"compiled grad {name}", scale=3.0)
+
+
+def test_gpus_older_than_the_kernels_support_use_the_reference_or_say_why(monkeypatch):
+    """On a GPU below compute capability 8.0 (where Triton generates no code, and bf16 tensor cores and
+    asynchronous copies are missing) backend="auto" keeps the PyTorch reference and "triton" is a clear
+    error; on Ampere and newer both run the kernels. (A stand-in for a CUDA tensor: only its device is read.)"""
+    from types import SimpleNamespace
+
+    from pdengine.model.layers import kernel_problem, use_kernels
+
+    x = SimpleNamespace(is_cuda=True, is_meta=False, device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    assert "Tesla T4 is compute capability 7.5" in kernel_problem(x)
+    assert not use_kernels("auto", x) and not use_kernels("torch", x)
+    with pytest.raises(RuntimeError, match=r"backend='triton': Tesla T4 is compute capability 7\.5; the Triton "
+                                           r"kernels need 8\.0 or newer"):
+        use_kernels("triton", x)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert kernel_problem(x) == "" and use_kernels("auto", x) and use_kernels("triton", x)
+    assert kernel_problem(torch.zeros(1)) == ""  # CPU tensors: the interpreter's business, not a GPU's
