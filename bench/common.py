@@ -460,6 +460,15 @@ def nvml_snapshot(index: int) -> dict[str, Any]:
         return {"nvml": f"unavailable: {type(e).__name__}: {e}"}
 
 
+def nvml_fields(torch_index: int = 0) -> dict[str, Any]:
+    """`nvml_snapshot` of torch's CUDA device `torch_index`; never raises (a row's finished timing must not
+    become an error row because NVML could not be asked)."""
+    try:
+        return nvml_snapshot(nvml_index(torch_index))
+    except Exception as e:
+        return {"nvml": f"unavailable: {type(e).__name__}: {e}"}
+
+
 def wall_seconds(fn: Callable[[], Any]) -> float:
     """Host wall time of one call (used for torch.compile's first call, reported apart from run time)."""
     t0 = time.perf_counter()

@@ -433,6 +433,15 @@ def tune(quick: bool = False, out: Path | None = None, json_path: Path | None = 
     except Exception as e:  # recorded, never fatal: the conv table is measured either way
         gemm = {"choice": "cublas", "error": f"{type(e).__name__}: {e}"[:500]}
     torch.cuda.empty_cache()
+    # Kept at once, so that a run cut during the sweep keeps it: in the rows file, and in the table when it
+    # goes to a path of the caller's (the user's own table, found by default, is replaced only once a level of
+    # the sweep has finished: a failed sweep leaves the table that worked).
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"rows": [], "best": [], "transformer_gemm": gemm}, indent=2,
+                                        default=str) + "\n")
+    if out is not None:
+        ct.write(ct.ConvTable(name, "memory", {}, dict(meta), gemm), path)
     for level in LEVELS:  # the table so far is written after each level: a run cut short keeps those
         rows += [{**r, **stamp} for r in sweep("cuda", levels=(level,), quick=quick)]
         if json_path is not None:

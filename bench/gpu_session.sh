@@ -11,13 +11,17 @@
 # whether the transformers' fused GEMMs beat cuBLAS, per transformer size, in one UNet call, then used by every later stage:
 # PDENGINE_CONV_TABLE; `pdengine_graph` rows run that choice, `pdengine_graph_fused_gemm` forces fused), sample (end to end, and where one UNet call spends
 # its time per layer kind, ours and diffusers': `sample_breakdown` rows), kernels, train, compile (ours and
-# diffusers under torch.compile, batch 8). One call may run 600 s at most and a lease is 15 minutes
-# including the machine's start, so plan two calls:
-#   1. STAGES="tests tune sample" T_SAMPLE=250   (limits 120 + 180 + 250 s)
-#   2. at once, while the machine is warm, after copying call 1's table to kernels/conv_tables/<gpu>.json
-#      ($OUT is emptied between calls): STAGES="kernels train compile" FAMILIES="temporal_conv temporal_attention"
-#      T_KERNELS=70   (limits 140 + 180 + 240 s)
-# with run's timeout_s about 590 each; whatever a stage measured before its limit is kept (ROW lines). The
+# diffusers under torch.compile, batch 8). One call may run 600 s at most, and a task's whole lease is 15
+# minutes of device time: the machine's start (a minute or more), every call, the transfers and the idle
+# time between calls all count. So plan about 12 minutes of commands, in two calls:
+#   1. STAGES="tests tune sample" T_TESTS=100 T_TUNE=150 T_SAMPLE=260   (run's timeout_s 550)
+#   2. at once, while the machine is warm (it goes back 30 s after a call), after copying call 1's table to
+#      kernels/conv_tables/<gpu>.json ($OUT is emptied between calls; the tree is sent again):
+#      STAGES="kernels train" FAMILIES="temporal_conv temporal_attention latent_update" T_KERNELS=40
+#      T_TRAIN=80   (run's timeout_s 215), then give the machine back.
+# The compile stage (a 1.4B-parameter UNet under Inductor, ours and diffusers') does not fit beside them:
+# give it a lease of its own (STAGES=compile).
+# Whatever a stage measured before its limit is kept (ROW lines). The
 # sample stage runs batch 8 first (the issue's target batch), then 1, with the graph samplers (the tuned
 # conv choice with the transformers' GEMMs on cuBLAS, and with them fused: `pdengine_graph_fused_gemm`),
 # diffusers eager and the breakdown (SAMPLE_PROVIDERS; eager-vs-graph was measured before; the tune stage
@@ -59,43 +63,55 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 "diffusers", diffusers.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda,
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
-stage gpu tests
-on tests && timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernels_gpu.py \
-  tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py tests/test_kernel_geglu.py \
-  tests/test_kernel_fused_linear.py tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py \
-  tests/test_schedulers.py \
-  tests/test_pipeline.py \
-  >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
+# The families built since the last GPU run first: a cut run keeps what they said.
+if on tests; then
+  stage gpu tests
+  timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernel_fused_linear.py \
+    tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py tests/test_kernel_geglu.py \
+    tests/test_kernels_gpu.py tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py \
+    tests/test_schedulers.py tests/test_pipeline.py \
+    >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
+fi
 
 # The launch table: written level by level (a cut run keeps its finished levels), then used by every later
 # stage of this call; copy it to kernels/conv_tables/<gpu>.json to ship it (and to use it in the next call).
 TABLE=$R/cuda-conv-table-$SHA.json
-on tune && stage tune &&
-timeout "${T_TUNE:-180}" "${PD[@]}" tune $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) --out "$TABLE" \
-  --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
-[ -s "$TABLE" ] && export PDENGINE_CONV_TABLE=$TABLE && echo "PDENGINE_CONV_TABLE=$TABLE" | tee -a "$LOG"
-"${PD[@]}" info 2>&1 | grep -i "temporal conv" | tee -a "$LOG"
+if on tune; then
+  stage tune
+  timeout "${T_TUNE:-180}" "${PD[@]}" tune $([ "${TUNE_QUICK:-1}" = 1 ] && echo --quick) --out "$TABLE" \
+    --json "$R/cuda-conv-configs-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+  [ -s "$TABLE" ] && export PDENGINE_CONV_TABLE=$TABLE && echo "PDENGINE_CONV_TABLE=$TABLE" | tee -a "$LOG"
+fi
+"${PD[@]}" info 2>&1 | grep -i "temporal conv\|transformer" | tee -a "$LOG"
 
-on sample && stage bench sample && SB=$(printf -- "--batch %s " ${SAMPLE_BATCHES:-8 1}) &&
-timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $SB --steps 50 --compile-mode none \
-  --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_fused_gemm,diffusers_eager,breakdown}" \
-  --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+if on sample; then
+  stage bench sample
+  timeout "${T_SAMPLE:-300}" "${PD[@]}" bench sample --device cuda $(printf -- "--batch %s " ${SAMPLE_BATCHES:-8 1}) \
+    --steps 50 --compile-mode none \
+    --providers "${SAMPLE_PROVIDERS:-pdengine_graph,pdengine_graph_fused_gemm,diffusers_eager,breakdown}" \
+    --json "$R/cuda-sample-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+fi
 
-for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear group_norm_silu add_layer_norm latent_update concat_cond}; do
-  on kernels || continue
-  stage "bench kernels $fam"
-  timeout "${T_KERNELS:-90}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \
-    --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
-done
+if on kernels; then
+  for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear group_norm_silu add_layer_norm latent_update concat_cond}; do
+    stage "bench kernels $fam"
+    timeout "${T_KERNELS:-90}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \
+      --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+  done
+fi
 
-on train && stage bench train && TB=$(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) &&
-timeout "${T_TRAIN:-180}" "${PD[@]}" bench train --device cuda $TB --steps 3 \
-  --json "$R/cuda-train-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+if on train; then
+  stage bench train
+  timeout "${T_TRAIN:-180}" "${PD[@]}" bench train --device cuda $(printf -- "--batch %s " ${TRAIN_BATCHES:-1 4}) \
+    --steps 3 --json "$R/cuda-train-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+fi
 
-on compile && stage bench sample torch.compile &&
-timeout "${T_COMPILE:-240}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
-  --providers pdengine_graph_compile,diffusers_compile \
-  --json "$R/cuda-sample-compile-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+if on compile; then
+  stage bench sample torch.compile
+  timeout "${T_COMPILE:-240}" "${PD[@]}" bench sample --device cuda --batch 8 --steps 50 --compile-mode default \
+    --providers pdengine_graph_compile,diffusers_compile \
+    --json "$R/cuda-sample-compile-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"
+fi
 
 stage done
 tar -czf "$OUT/results.tgz" -C "$OUT" results session.log
@@ -105,6 +121,7 @@ for line in sys.stdin:
     r = json.loads(line[4:]); keys = ("kernel", "bench", "provider", "direction", "shape", "batch", "status", "median_ms",
         "seconds_per_video", "step_s", "peak_memory_gib", "speedup_vs_diffusers", "kind", "config", "tflops",
         "unet_call_ms", "ms_temporal_conv", "ms_temporal_attention", "ms_spatial_resnet", "ms_spatial_attention",
-        "ms_resample", "ms_other", "ms_per_video", "transformer_gemm")
+        "ms_resample", "ms_other", "ms_per_video", "transformer_gemm", "provider_conv_gemm",
+        "provider_transformer_gemm")
     print(" ".join(f"{k}={r[k]:.4g}" if isinstance(r.get(k), float) else f"{k}={r[k]}" for k in keys if k in r))'
 

@@ -275,7 +275,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
     from pdengine.kernels.fused_linear import transformer_gemm
     from pdengine.kernels.temporal_conv import conv_gemm
 
-    from .common import nvml_index, nvml_snapshot
+    from .common import nvml_fields
 
     dev, dt, c = torch.device("cuda"), torch.bfloat16, cfg["out_channels"]
     # Each UNet's own counted FLOPs for its rows' TFLOP/s and MFU (diffusers' projects the text's keys and
@@ -322,16 +322,20 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
                 x = sched.step(u + 7.5 * (cnd - u), t, x).prev_sample
         return x
 
-    providers = {
-        "pdengine_graph": lambda: ours_run("graph"),
-        "pdengine_graph_fused_gemm": lambda: ours_run("graph_fused_gemm", transformer="fused"),
-        "pdengine_graph_cublas_conv": lambda: ours_run("graph_cublas", "cublas"),
-        "pdengine_eager": lambda: ours_run("eager"),
-        "diffusers_eager": lambda: diffusers_run(ref),
+    # Our providers: (sampler, temporal conv forward GEMM, transformer GEMMs); "auto" follows the GPU's launch
+    # table, which the rows' env stamp (`conv_table`, `transformer_gemm`) describes.
+    settings = {
+        "pdengine_graph": ("graph", "auto", "auto"),
+        "pdengine_graph_fused_gemm": ("graph_fused_gemm", "auto", "fused"),
+        "pdengine_graph_cublas_conv": ("graph_cublas", "cublas", "auto"),
+        "pdengine_eager": ("eager", "auto", "auto"),
     }
     if compiled is not None:
         # Both compiled the same way (`--compile-mode`); ours inside its CUDA graph, the kernels as operators.
-        providers["pdengine_graph_compile"] = lambda: ours_run("graph_compile")
+        settings["pdengine_graph_compile"] = ("graph_compile", "auto", "auto")
+    providers = {name: functools.partial(ours_run, *setting) for name, setting in settings.items()}
+    providers["diffusers_eager"] = lambda: diffusers_run(ref)
+    if compiled is not None:
         providers["diffusers_compile"] = lambda: diffusers_run(compiled)
     rows = []
     for name in sorted(set(only or ()) - set(providers) - {"breakdown"}):  # asked for, not available
@@ -342,6 +346,8 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
             continue
         row: dict[str, Any] = {"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
                                "shape": f"{FRAMES}x{LATENT * 8}x{LATENT * 8}"}
+        if name in settings:  # what this provider ran (the env stamp's fields say what "auto" resolves to)
+            row["provider_conv_gemm"], row["provider_transformer_gemm"] = settings[name][1:]
         if name.endswith("_compile"):
             # Ours runs inside its own CUDA graph: a mode with Inductor graphs runs without them (StaticSampler).
             row["compile_mode"] = samplers["graph_compile"].compile_mode if name.startswith("pdengine") else compile_mode
@@ -360,7 +366,7 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
                 "status": "ok", "seconds_per_video": sec / b, "videos_per_s": b / sec,
                 "first_call_overhead_s": max(0.0, first - sec), "unet_tflops": work / sec / 1e12,
                 "mfu": work / sec / 1e12 / peaks["peak_tflops"],
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **nvml_snapshot(nvml_index(0)),
+                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **nvml_fields(0),
             })
         except Exception as e:  # a failing provider is an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
@@ -408,6 +414,8 @@ def _breakdown_rows(b: int, ours, ref, x_t, c_first, text, uncond) -> list[dict]
                         torch.nn.Module.to(module, memory_format=torch.channels_last)
                 call = functools.partial(model, inp, t, encoder_hidden_states=ctx)
             ff = "fused" if name.endswith("fused_gemm") else "cublas"
+            if name.startswith("pdengine"):  # what this row ran
+                row["provider_conv_gemm"], row["provider_transformer_gemm"] = gemm, ff
             work = flops["diffusers" if name.startswith("diffusers") else "pdengine"]
             with torch.no_grad(), conv_gemm(gemm, "forward"), transformer_gemm(ff):
                 ms = layer_times(model, call)

@@ -152,7 +152,7 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
     from pdengine.train.recipe import RecipeConfig, training_inputs
     from pdengine.train.trainer import apply_activation_checkpointing
 
-    from .common import nvml_index, nvml_snapshot
+    from .common import nvml_fields
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -198,7 +198,7 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
     sec = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated() / 2**30
     return {"status": "ok", "step_s": sec, "samples_per_s": b / sec, "peak_memory_gib": peak,
-            "peak_memory_gib_per_sample": peak / b, **nvml_snapshot(nvml_index(0))}
+            "peak_memory_gib_per_sample": peak / b, **nvml_fields(0)}
 
 
 def run_train_bench(device: str, json_path: Path | None = None, csv_path: Path | None = None,

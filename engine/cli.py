@@ -231,7 +231,7 @@ def tune(quick, out_path, json_path):
         _fail(e)
     for key, entry in sorted(table.entries.items()):
         t = extra[key]
-        best = entry.best if entry.best == "cublas" else "triton " + "x".join(map(str, entry.best[:3]))
+        best = entry.best if isinstance(entry.best, str) else "triton " + "x".join(map(str, entry.best[:3]))
         gain = f" ({t['builtin_ms'] / t['best_ms']:.2f}x the built-in {t['builtin']})" if t["builtin_ms"] else ""
         click.echo(f"{key[0]:5} {t['shape']}: {best} {t['best_ms']:.4f} ms{gain}")
     gemm = table.transformer_gemm or {}

@@ -152,6 +152,8 @@ def parse(data: Any, source: str) -> ConvTable:
             raise ValueError(f"{where}: {CUBLAS_IM2COL!r} is a variant of the conv and its transpose (fwd, "
                              "dgrad), not of the weight gradient")
         best = best if best in (CUBLAS, CUBLAS_IM2COL) else _tile(kind, best, where)
+        if triton is None and not isinstance(best, str):
+            triton = best  # the fastest is a Triton tile: it is also the Triton tile to run
         key = (kind, dtype, *dims)
         if key in entries:
             raise ValueError(f"{where}: a second entry for {key}")

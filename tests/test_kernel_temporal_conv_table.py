@@ -56,6 +56,16 @@ def test_round_trip_and_lookup(tmp_path):
     assert ct.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
 
 
+def test_a_tile_as_best_is_also_the_triton_tile_the_stage_runs():
+    """An entry whose fastest candidate is a Triton tile and that names no separate `triton` tile (a
+    hand-written table) runs that tile, not the built-in one."""
+    t = table(entry("fwd", TILE, None))
+    e = t.lookup("fwd", "fp32", 6, 6, H * W)
+    assert e.best == e.triton == tuple(TILE)
+    builtin = tc._GemmConfig(16, 16, 16, 1, 1, False)
+    assert tc._gemm_launch("forward", e, builtin, 1, 3, 6, H * W) == tc._GemmConfig(*TILE)
+
+
 def test_transformer_gemm_record_round_trip(tmp_path):
     """A table may record how the GPU runs the transformers' GEMMs; `describe` says so; a bad choice is an
     error naming the file."""
@@ -326,3 +336,20 @@ def test_tune_writes_the_table_level_by_level(monkeypatch, tmp_path):
     res = CliRunner().invoke(main, ["tune", "--quick", "--out", str(out)])
     assert res.exit_code == 0 and "transformer GEMMs: not measured (RuntimeError: no memory): cublas" in res.output
     assert ct.read(out).transformer_gemm["choice"] == "cublas"
+
+    # Cut during the first level of the sweep: the transformer record is kept where the caller asked (the
+    # table given by --out, and the rows file); the user's own table is left as it was.
+    def cut(device, levels, quick):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CC, "measure_transformer_gemm", lambda device: record)
+    monkeypatch.setattr(CC, "sweep", cut)
+    before = ct.read(ct.user_path("Fake GPU"))
+    out, rows = tmp_path / "cut.json", tmp_path / "rows.json"
+    with pytest.raises(KeyboardInterrupt):
+        CC.tune(True, out, rows)
+    assert ct.read(out).transformer_gemm == record and not ct.read(out).entries
+    assert json.loads(rows.read_text())["transformer_gemm"] == record
+    with pytest.raises(KeyboardInterrupt):
+        CC.tune(True)
+    assert ct.read(ct.user_path("Fake GPU")).entries == before.entries

@@ -246,10 +246,11 @@ def test_compile_modes_inside_the_sampler_graph_drop_inductor_graphs():
 @pytest.mark.gpu
 @pytest.mark.parametrize("transformer", ["cublas", "fused"])
 def test_cuda_graph_replay_equals_eager_and_never_syncs(tiny_pipeline_dir, gpu, transformer):
-    """Also with the transformers' GEMMs fused: their folded weights are made in the warm-up, before capture."""
+    """With the Triton kernels (backend "auto" on CUDA), also with the transformers' GEMMs fused: their folded
+    weights are made in the warm-up, before capture."""
     from pdengine.kernels.fused_linear import transformer_gemm
 
-    pipe_gpu = PixelDancePipeline.from_pretrained(tiny_pipeline_dir, device=gpu)
+    pipe_gpu = PixelDancePipeline.from_pretrained(tiny_pipeline_dir, device=gpu, backend="auto")
     settings = SampleSettings(num_frames=4, height=64, width=64, steps=5, guidance=4.0, tau=2)
     args = (["a", "b"], [None, None], [None, None])
 
