@@ -157,13 +157,20 @@ def _torch_dtype(name: str | None, device: str):
     return getattr(torch, DTYPES[name])
 
 
-def _pick_device(name: str | None) -> str:
+def _pick_device(name: str | None, local_rank: int = 0, world: int = 1) -> str:
+    """--device, or this process's GPU when there is one, else cpu. A GPU is always named with its index
+    (`torch.cuda.set_device` and CUDA graphs need one): plain "cuda" is the current device, or LOCAL_RANK's
+    under torchrun."""
     import torch
 
     if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        name = "cuda"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {name}: CUDA is not available on this machine")
+    if name == "cuda":
+        return f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
     return name
 
 
@@ -241,9 +248,7 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
         # Only a barrier is needed (no tensors cross ranks), so gloo serves CPU and GPU runs alike.
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        if job.device is None and torch.cuda.is_available():
-            job.device = f"cuda:{local_rank}"
-    device = _pick_device(job.device)
+    device = _pick_device(job.device, local_rank, world)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # kernels and graphs use the current device
     dtype = _torch_dtype(job.dtype, device)

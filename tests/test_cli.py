@@ -407,3 +407,21 @@ def test_sample_defaults_come_from_the_model_folder(tiny_pipeline_dir, tmp_path,
     monkeypatch.setattr(generate, "DEMO_DIR", tmp_path / "not-installed")
     missing = run("generate", "x", "--out", tmp_path / "o2", ok=False)
     assert missing.exit_code != 0 and "demo model is missing" in missing.output
+
+
+def test_a_gpu_is_always_named_with_its_index(monkeypatch):
+    """`torch.cuda.set_device` and CUDA graphs need an indexed device: with no --device (or plain "cuda") the
+    sampler runs on the current GPU by index, LOCAL_RANK's under torchrun; an explicit index is kept."""
+    import torch
+
+    from pdengine.engine.generate import GenerateError, _pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _pick_device(None) == "cuda:1" and _pick_device("cuda") == "cuda:1"
+    assert _pick_device(None, local_rank=3, world=4) == "cuda:3" and _pick_device("cuda", 2, 4) == "cuda:2"
+    assert _pick_device("cuda:0", 3, 4) == "cuda:0" and _pick_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _pick_device(None) == "cpu"
+    with pytest.raises(GenerateError, match="CUDA is not available"):
+        _pick_device("cuda")

@@ -658,3 +658,20 @@ def test_prediction_type_follows_the_model_folders_scheduler(tiny_pipeline_dir, 
     assert seen == ["v_prediction"]
     saved = json.loads((out / "final" / "scheduler" / "scheduler_config.json").read_text())
     assert saved["prediction_type"] == "v_prediction"
+
+
+def test_the_training_gpu_is_named_with_its_index(monkeypatch):
+    """--device cuda (or none, with a GPU) is this process's GPU by index (`torch.cuda.set_device` and NCCL's
+    device_id need one): LOCAL_RANK's under torchrun, else the current device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert TrainConfig(device="cuda").resolved_device() == torch.device("cuda", 2)
+    assert TrainConfig(device="cuda:1").resolved_device() == torch.device("cuda", 1)
+    assert TrainConfig().resolved_device() == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert TrainConfig(device="cuda").resolved_device() == torch.device("cuda", 3)
+    assert TrainConfig().resolved_device() == torch.device("cuda", 3)
+    with pytest.raises(ConfigError, match="only 4 CUDA device"):
+        TrainConfig(device="cuda:4").resolved_device()

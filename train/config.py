@@ -309,6 +309,9 @@ class TrainConfig:
                 raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
             if device.index is not None and device.index >= torch.cuda.device_count():
                 raise ConfigError(f"--device {self.device}: only {torch.cuda.device_count()} CUDA device(s)")
+            if device.index is None:  # plain "cuda": this process's GPU (LOCAL_RANK's under torchrun)
+                local = os.environ.get("LOCAL_RANK")
+                device = torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
         elif device.type != "cpu":
             raise ConfigError(f"--device must be cpu or cuda[:N], got {self.device!r}")
         return device

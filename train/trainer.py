@@ -419,11 +419,13 @@ class _Metrics:
             try:
                 import pynvml
 
-                pynvml.nvmlInit()
+                from pdengine.bench.common import nvml_index
+
                 index = device.index if device.index is not None else torch.cuda.current_device()
-                self.nvml = pynvml.nvmlDeviceGetHandleByIndex(index)
-            except (ImportError, OSError, RuntimeError) as e:
-                log(f"NVML unavailable ({e}): GPU memory is reported from torch only")
+                # NVML numbers GPUs its own way (CUDA_VISIBLE_DEVICES, PCI order): matched by UUID.
+                self.nvml = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(index))
+            except Exception as e:  # ImportError, NVMLError (not an OSError), a GPU NVML does not list
+                log(f"NVML unavailable ({type(e).__name__}: {e}): GPU memory is reported from torch only")
 
     def memory(self, device: torch.device) -> dict[str, float]:
         if device.type != "cuda":
@@ -432,7 +434,10 @@ class _Metrics:
         if self.nvml is not None:
             import pynvml
 
-            out["gpu_memory_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(self.nvml).used / 2**30
+            try:
+                out["gpu_memory_used_gb"] = pynvml.nvmlDeviceGetMemoryInfo(self.nvml).used / 2**30
+            except Exception:  # a metrics row never ends a run; the torch figure stays
+                self.nvml = None
         return out
 
     def write(self, row: dict[str, Any]) -> None:
