@@ -19,6 +19,13 @@ Here:
   also writes each tile's row mean and centred sum of squares of the values as stored (8 bytes per row and
   column tile), and `merge_row_stats` combines them in a fixed order (Chan et al.'s parallel variance:
   deterministic, and exact like a two-pass variance): no pass over x at all for the statistics.
+- **A transformer's GroupNorm folded into its proj_in.** The GroupNorm (statistics per video and group) and
+  the way from the (B*F, C, H, W) layout to token rows otherwise take one kernel that reads x twice and writes
+  the normalised tokens, which proj_in reads again. `group_norm_linear` reads x's tiles straight from the video
+  layout (each tile's rows are pixels of one image: contiguous, 16-byte asynchronous copies), normalises them
+  as they are loaded with `video_group_stats` (one read of x; the affine folded into W and b as for a
+  LayerNorm), rounds them once to x's dtype (as the norm's output would be) and multiplies: per transformer
+  2 passes of the activation instead of 4. Images of 64 pixels and more (`group_norm_fold_ok`).
 - **Residual in the epilogue.** `fused_linear(o, W, b, residual=x)` writes x + o @ W.T + b directly: the
   projection's output is never stored and re-read (2 passes instead of 4 for the output, per block 3 times).
   `linear_to_video_residual` does the same for a transformer's proj_out, storing straight into the
@@ -54,7 +61,8 @@ from .compile_check import CompileSpec, jit_function
 from .temporal_conv import _cast, _dot
 
 __all__ = ["row_stats", "merge_row_stats", "RowPartials", "fused_linear", "layer_norm_linear",
-           "linear_to_video_residual", "video_layout_ok", "fold_layer_norm", "FoldedNorm", "transformer_gemm",
+           "linear_to_video_residual", "video_layout_ok", "fold_layer_norm", "FoldedNorm", "video_group_stats",
+           "group_norm_linear", "group_norm_fold_ok", "transformer_gemm",
            "transformer_gemm_mode", "transformer_gemm_for", "modeled_bytes", "compile_specs"]
 
 
@@ -131,12 +139,14 @@ def _linear_kernel(
     r_ptr,  # (M, N) residual, row stride stride_r (HAS_RES); (M / P, N, P) when VIDEO_P
     y_ptr,  # (M, N) output, contiguous; (M / P, N, P) when VIDEO_P
     part_ptr,  # (M, cdiv(N, BLOCK_N), 2) fp32: each tile's row mean and centred sum of squares (STATS_OUT)
-    M, N, K, stride_x, stride_r,
+    gm_ptr, gr_ptr,  # (videos, K / CPG) fp32 GroupNorm mean and rstd per (video, group) (VIDEO_IN)
+    M, N, K, stride_x, stride_r, CPG, ROWS_V,
     NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     VIDEO_P: tl.constexpr,  # 0, or P: rows m = image * P + pixel stored to the (images, N, P) layout
     STATS_OUT: tl.constexpr,  # the output rows' LayerNorm statistics, per tile (row layout only)
+    VIDEO_IN: tl.constexpr,  # 0, or P: x is (M / P, K, P) video-layout input, GroupNorm-normalised as loaded
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no masks along K
     PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -152,7 +162,19 @@ def _linear_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     rows64 = offs_m.to(tl.int64)[:, None]
-    a_ptrs = x_ptr + rows64 * stride_x + offs_k[None, :]
+    if VIDEO_IN > 0:
+        # Rows m = image * P + pixel read from the (images, K, P) video layout: a tile's rows are consecutive
+        # pixels of one image of one video (P and ROWS_V are multiples of BLOCK_M), so each channel's pixels
+        # load contiguously (the image and first pixel as scalars, for 16-byte vectors), and one video's
+        # GroupNorm statistics serve the tile, one (mean, rstd) pair per channel's group.
+        first = pid_m * BLOCK_M
+        pixel = tl.multiple_of(first % VIDEO_IN, BLOCK_M) + tl.arange(0, BLOCK_M)  # P % BLOCK_M == 0
+        a_ptrs = x_ptr + (first // VIDEO_IN).to(tl.int64) * K * VIDEO_IN + offs_k[None, :] * VIDEO_IN + pixel[:, None]
+        g_base = (first // ROWS_V) * (K // CPG)  # this video's first (video, group) statistic
+        a_step = BLOCK_K * VIDEO_IN
+    else:
+        a_ptrs = x_ptr + rows64 * stride_x + offs_k[None, :]
+        a_step = BLOCK_K
     b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + offs_k[:, None]  # W^T tiles (BLOCK_K, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -163,8 +185,19 @@ def _linear_kernel(
             k_ok = offs_k < K - k0
             a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if VIDEO_IN > 0:
+            # (x - mean) * rstd of the channel's group, rounded once to x's dtype (as the GroupNorm's output
+            # would be); the affine is folded into the weight and bias.
+            groups = g_base + (k0 + offs_k) // CPG
+            if EVEN_K:
+                mu = tl.load(gm_ptr + groups)
+                rs = tl.load(gr_ptr + groups)
+            else:
+                mu = tl.load(gm_ptr + groups, mask=k_ok, other=0.0)
+                rs = tl.load(gr_ptr + groups, mask=k_ok, other=0.0)
+            a = _cast((a.to(tl.float32) - mu[None, :]) * rs[None, :], x_ptr.dtype.element_ty, INTERPRETED)
         acc = _dot(a, b, acc, PRECISION, INTERPRETED)
-        a_ptrs += BLOCK_K
+        a_ptrs += a_step
         b_ptrs += BLOCK_K
     if NORM:
         acc = _fold_norm(acc, mean_ptr, rstd_ptr, cs_ptr, offs_m, offs_n, m_ok, n_ok)
@@ -176,7 +209,7 @@ def _linear_kernel(
         # (P % BLOCK_M == 0), so the stores run contiguously down each output channel (the image and first
         # pixel as scalars, so the compiler sees the contiguity: 16-byte vector stores).
         first = pid_m * BLOCK_M
-        pixel = first % VIDEO_P + tl.arange(0, BLOCK_M)
+        pixel = tl.multiple_of(first % VIDEO_P, BLOCK_M) + tl.arange(0, BLOCK_M)  # P % BLOCK_M == 0
         out = (first // VIDEO_P).to(tl.int64) * N * VIDEO_P + offs_n[None, :] * VIDEO_P + pixel[:, None]
         r_off = out
     else:
@@ -289,35 +322,57 @@ def _stats_tiles(dtype: torch.dtype, n: int) -> tuple[int, int]:
     return triton.cdiv(n, block_n), block_n
 
 
+class _VideoInput(NamedTuple):
+    """A video-layout GEMM input (images, K, P), GroupNorm-normalised per (video, group) as it is loaded."""
+
+    mean: torch.Tensor  # (videos, groups) fp32
+    rstd: torch.Tensor  # (videos, groups) fp32
+    pixels: int  # P
+    num_frames: int
+
+
 def _linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor | None,
                     rstd: torch.Tensor | None, colsum: torch.Tensor | None, residual: torch.Tensor | None,
-                    video_pixels: int = 0, partials: torch.Tensor | None = None) -> torch.Tensor:
-    k = x.shape[-1]
+                    video_pixels: int = 0, partials: torch.Tensor | None = None,
+                    video_in: _VideoInput | None = None) -> torch.Tensor:
     n = weight.shape[0]
-    x2 = _rows(x, k, "x")
+    if video_in is not None:  # x (images, K, H, W): its token rows are (image, pixel) pairs
+        k = x.shape[1]
+        x2 = x
+        rows = x.shape[0] * video_in.pixels
+        x_shape = (rows, k)
+    else:
+        k = x.shape[-1]
+        x2 = _rows(x, k, "x")
+        rows = x2.shape[0]
+        x_shape = x.shape
     r2 = None
     if residual is not None:
         r2 = residual if video_pixels else _rows(residual, n, "residual")
-    rows = x2.shape[0]
     y = torch.empty((rows // video_pixels, n, video_pixels) if video_pixels else (rows, n), dtype=x.dtype,
                     device=x.device)
     if y.numel():
         cfg = _linear_config(x.dtype, n)
-        block_m = _video_block_m(cfg, video_pixels) if video_pixels else cfg.block_m
+        block_m = cfg.block_m
+        for pixels in (video_pixels, video_in.pixels if video_in is not None else 0):
+            block_m = min(block_m, _video_block_m(cfg, pixels)) if pixels else block_m
         grid = (triton.cdiv(rows, block_m) * triton.cdiv(n, cfg.block_n),)
         norm = mean is not None
+        gn = video_in is not None
         _linear_kernel[grid](
             x2, weight, bias if bias is not None else weight, mean if norm else weight, rstd if norm else weight,
             colsum if norm else weight, r2 if r2 is not None else weight, y,
             partials if partials is not None else weight,
-            rows, n, k, x2.stride(0), r2.stride(0) if r2 is not None and not video_pixels else 0,
+            video_in.mean if gn else weight, video_in.rstd if gn else weight,
+            rows, n, k, 0 if gn else x2.stride(0), r2.stride(0) if r2 is not None and not video_pixels else 0,
+            k // video_in.mean.shape[1] if gn else 1, video_in.num_frames * video_in.pixels if gn else 1,
             NORM=norm, HAS_BIAS=bias is not None, HAS_RES=r2 is not None, VIDEO_P=video_pixels,
-            STATS_OUT=partials is not None,
+            STATS_OUT=partials is not None, VIDEO_IN=video_in.pixels if gn else 0,
             EVEN_K=k % cfg.block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             INTERPRETED=not x.is_cuda, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    return y if video_pixels else y.view(*x.shape[:-1], n)
+    return y if video_pixels else y.view(*x_shape[:-1], n)
 
 
 # ----------------------------------------------------------------------------------------------- mode
@@ -552,6 +607,79 @@ def layer_norm_linear(x: torch.Tensor, folded: FoldedNorm,
     return fused_linear(x, folded.weight, folded.bias, stats=stats, colsum=folded.colsum)
 
 
+def _video_group_stats(x: torch.Tensor, num_frames: int, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from .temporal_attention import _STATS_BLOCK, _frame_group_stats_kernel
+
+    bf, c, h, w = x.shape
+    b, n = bf // num_frames, (c // groups) * h * w
+    mean_f = torch.empty((bf, groups), dtype=torch.float32, device=x.device)
+    m2_f = torch.empty_like(mean_f)
+    if not mean_f.numel():
+        return mean_f.view(b, groups), m2_f.view(b, groups)
+    _frame_group_stats_kernel[(bf * groups,)](x, mean_f, m2_f, n, BLOCK=_STATS_BLOCK, num_warps=4)
+    # The F frames' partials of each video merged exactly (equal counts, Chan et al.): (B, G)-sized ops.
+    mean_f, m2_f = mean_f.view(b, num_frames, groups), m2_f.view(b, num_frames, groups)
+    mean = mean_f.mean(dim=1)
+    m2 = m2_f.sum(dim=1) + n * (mean_f - mean[:, None]).square().sum(dim=1)
+    return mean, torch.rsqrt(m2 / (num_frames * n) + eps)
+
+
+def video_group_stats(x: torch.Tensor, num_frames: int, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm statistics of x (B*F, C, H, W) per video and group (over C/G x F x H x W): mean and
+    1 / sqrt(biased variance + eps), fp32 (B, G). One read of x (per-frame partials, then an exact merge)."""
+    if x.dim() != 4 or not x.is_contiguous() or x.shape[0] % num_frames or groups < 1 or x.shape[1] % groups:
+        raise ValueError(f"x must be a contiguous (B*F, C, H, W) tensor with F = {num_frames} dividing B*F and "
+                         f"groups = {groups} dividing C, got {tuple(x.shape)}")
+    _check_inference(x)
+    if operator_path():
+        return _group_stats_op(x, num_frames, groups, float(eps))
+    return _video_group_stats(x, num_frames, groups, float(eps))
+
+
+def group_norm_fold_ok(pixels: int, dtype: torch.dtype) -> bool:
+    """Whether `group_norm_linear` takes images of `pixels` pixels: its row tiles must not straddle two images,
+    and tiles under 64 rows (the 4x4 level's 16) would waste the GEMM: the layout kernel runs there instead."""
+    cfg = _linear_config(dtype, 128)
+    return pixels > 0 and _video_block_m(cfg, pixels) >= min(64, cfg.block_m)
+
+
+def group_norm_linear(x: torch.Tensor, num_frames: int, stats: tuple[torch.Tensor, torch.Tensor],
+                      folded: FoldedNorm, *, stats_out: bool = False):
+    """linear(group_norm(x)) as token rows (B*F*H*W, N) in (b, f, p) order, from the video layout x (B*F, C, H,
+    W): a transformer's GroupNorm, its way to token rows and its proj_in in one GEMM, which normalises x's
+    tiles as it loads them with `stats` = `video_group_stats(x, ...)`; the norm's affine is folded into the
+    weight and bias (`folded` = `fold_layer_norm(norm.weight, norm.bias, norm.eps, W, b)`, its colsum unused).
+    The normalised tokens are never written. With `stats_out`, (y, RowPartials) as `fused_linear`'s. H*W must
+    pass `group_norm_fold_ok`. No autograd."""
+    if x.dim() != 4 or not x.is_floating_point() or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous floating-point (B*F, C, H, W) tensor, got {tuple(x.shape)}")
+    bf, c, h, w = x.shape
+    if num_frames < 1 or bf % num_frames:
+        raise ValueError(f"num_frames = {num_frames} must divide B*F = {bf}")
+    weight, bias = folded.weight, folded.bias
+    if weight.dim() != 2 or weight.shape[1] != c or not weight.is_contiguous() or weight.dtype != x.dtype:
+        raise ValueError(f"the folded weight must be a contiguous (N, {c}) matrix in {x.dtype}, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    mean, rstd = stats
+    b = bf // num_frames
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.dim() != 2 or t.shape[0] != b or c % t.shape[1] or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous fp32 (B={b}, groups) statistics, got {tuple(t.shape)} "
+                             f"{t.dtype}")
+    if any(t.device != x.device for t in (weight, bias, mean, rstd)):
+        raise ValueError("every tensor must be on x's device")
+    if not group_norm_fold_ok(h * w, x.dtype):
+        raise ValueError(f"H*W = {h * w} pixels per image: the fold needs a multiple of 64 (group_norm_fold_ok)")
+    _check_inference(x, weight, bias)
+    if stats_out:
+        _, tile = _stats_tiles(x.dtype, weight.shape[0])
+        run = _gn_linear_stats_op if operator_path() else _gn_linear_stats
+        y, partials = run(x, num_frames, weight, bias, mean, rstd)
+        return y, RowPartials(partials, weight.shape[0], tile)
+    run = _gn_linear_op if operator_path() else _gn_linear
+    return run(x, num_frames, weight, bias, mean, rstd)
+
+
 def modeled_bytes(rows: int, k: int, n: int, dtype: torch.dtype = torch.bfloat16, *, norm: bool = False,
                   residual: bool = False) -> int:
     """Minimum HBM bytes of one fused linear (weights aside): x read once, y written once, the residual read
@@ -629,6 +757,49 @@ def _(t, weight, bias, x):
     return torch.empty_like(x)
 
 
+_group_stats_op = torch.library.custom_op("pdengine::video_group_stats", _video_group_stats, mutates_args=())
+
+
+@_group_stats_op.register_fake
+def _(x, num_frames, groups, eps):
+    b = x.shape[0] // num_frames
+    return x.new_empty((b, groups), dtype=torch.float32), x.new_empty((b, groups), dtype=torch.float32)
+
+
+def _gn_input(x: torch.Tensor, num_frames: int, mean: torch.Tensor, rstd: torch.Tensor) -> _VideoInput:
+    return _VideoInput(mean, rstd, x.shape[2] * x.shape[3], num_frames)
+
+
+def _gn_linear(x: torch.Tensor, num_frames: int, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+               rstd: torch.Tensor) -> torch.Tensor:
+    return _linear_forward(x, weight, bias, None, None, None, None, video_in=_gn_input(x, num_frames, mean, rstd))
+
+
+def _gn_linear_stats(x: torch.Tensor, num_frames: int, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor,
+                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tiles, _ = _stats_tiles(x.dtype, weight.shape[0])
+    partials = torch.empty((x.shape[0] * x.shape[2] * x.shape[3], tiles, 2), dtype=torch.float32, device=x.device)
+    y = _linear_forward(x, weight, bias, None, None, None, None, partials=partials,
+                        video_in=_gn_input(x, num_frames, mean, rstd))
+    return y, partials
+
+
+_gn_linear_op = torch.library.custom_op("pdengine::group_norm_linear", _gn_linear, mutates_args=())
+_gn_linear_stats_op = torch.library.custom_op("pdengine::group_norm_linear_stats", _gn_linear_stats, mutates_args=())
+
+
+@_gn_linear_op.register_fake
+def _(x, num_frames, weight, bias, mean, rstd):
+    return x.new_empty((x.shape[0] * x.shape[2] * x.shape[3], weight.shape[0]))
+
+
+@_gn_linear_stats_op.register_fake
+def _(x, num_frames, weight, bias, mean, rstd):
+    rows = x.shape[0] * x.shape[2] * x.shape[3]
+    tiles, _ = _stats_tiles(x.dtype, weight.shape[0])
+    return x.new_empty((rows, weight.shape[0])), x.new_empty((rows, tiles, 2), dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------- compile check
 
 
@@ -655,33 +826,41 @@ def compile_specs() -> list[CompileSpec]:
                    "TILES": "i32", "TILE": "i32", "eps": "fp32", "BLOCK_R": "constexpr", "TILES_P2": "constexpr"},
         constexprs={"BLOCK_R": 128, "TILES_P2": 16}, num_warps=4, num_stages=1, divisible=("N", "TILE"),
     ))
-    names = ("NORM", "HAS_BIAS", "HAS_RES", "VIDEO_P", "STATS_OUT", "EVEN_K", "PRECISION", "INTERPRETED", "BLOCK_M",
-             "BLOCK_N", "BLOCK_K", "GROUP_M")
-    # (name, dtype name, dtype, N, folded norm, residual, video pixels, statistics out)
-    variants = (("norm", "bf16", torch.bfloat16, 960, True, False, 0, False),
-                ("norm", "bf16", torch.bfloat16, 1280, True, False, 0, False),
-                ("residual_stats", "bf16", torch.bfloat16, 320, False, True, 0, True),
-                ("residual_stats", "bf16", torch.bfloat16, 1280, False, True, 0, True),
-                ("residual", "bf16", torch.bfloat16, 1280, False, True, 0, False),
-                ("video1024", "bf16", torch.bfloat16, 320, False, True, 1024, False),
-                ("video64", "bf16", torch.bfloat16, 1280, False, True, 64, False),
-                ("video16", "bf16", torch.bfloat16, 1280, False, True, 16, False),
-                ("norm_residual", "fp32", torch.float32, 320, True, True, 0, True))
-    for kind, dname, dtype, n, norm, res, video, stats in variants:
+    names = ("NORM", "HAS_BIAS", "HAS_RES", "VIDEO_P", "STATS_OUT", "VIDEO_IN", "EVEN_K", "PRECISION",
+             "INTERPRETED", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+    # (name, dtype name, dtype, N, folded norm, residual, video pixels out, statistics out, video pixels in):
+    # the GroupNorm-folded proj_in at the 32x32 (C 320, 128-row tiles) and 8x8 (C 1280, 64) levels.
+    variants = (("norm", "bf16", torch.bfloat16, 960, True, False, 0, False, 0),
+                ("norm", "bf16", torch.bfloat16, 1280, True, False, 0, False, 0),
+                ("residual_stats", "bf16", torch.bfloat16, 320, False, True, 0, True, 0),
+                ("residual_stats", "bf16", torch.bfloat16, 1280, False, True, 0, True, 0),
+                ("residual", "bf16", torch.bfloat16, 1280, False, True, 0, False, 0),
+                ("video1024", "bf16", torch.bfloat16, 320, False, True, 1024, False, 0),
+                ("video64", "bf16", torch.bfloat16, 1280, False, True, 64, False, 0),
+                ("video16", "bf16", torch.bfloat16, 1280, False, True, 16, False, 0),
+                ("gn_in1024", "bf16", torch.bfloat16, 320, False, False, 0, True, 1024),
+                ("gn_in64", "bf16", torch.bfloat16, 1280, False, False, 0, True, 64),
+                ("norm_residual", "fp32", torch.float32, 320, True, True, 0, True, 0))
+    for kind, dname, dtype, n, norm, res, video, stats, video_in in variants:
         cfg = _linear_config(dtype, n)
-        block_m = _video_block_m(cfg, video) if video else cfg.block_m
+        pixels = video or video_in
+        block_m = _video_block_m(cfg, pixels) if pixels else cfg.block_m
         ptr = f"*{dname}"
+        divisible = ("N", "K", "stride_x", "stride_r") + (("M",) if pixels else ()) + (("ROWS_V",) if video_in else ())
         specs.append(CompileSpec(
             name=f"fused_linear_{kind}_{dname}_n{cfg.block_n}", fn=jit_function(_linear_kernel),
-            signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm else ptr, "mean_ptr": "*fp32",
-                       "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "r_ptr": ptr, "y_ptr": ptr, "part_ptr": "*fp32",
-                       "M": "i32", "N": "i32",
-                       "K": "i32", "stride_x": "i32", "stride_r": "i32", **{c: "constexpr" for c in names}},
+            signature={"x_ptr": ptr, "w_ptr": ptr, "b_ptr": "*fp32" if norm or video_in else ptr,
+                       "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "cs_ptr": "*fp32", "r_ptr": ptr, "y_ptr": ptr,
+                       "part_ptr": "*fp32", "gm_ptr": "*fp32", "gr_ptr": "*fp32", "M": "i32", "N": "i32",
+                       "K": "i32", "stride_x": "i32", "stride_r": "i32", "CPG": "i32", "ROWS_V": "i32",
+                       **{c: "constexpr" for c in names}},
             constexprs={"NORM": norm, "HAS_BIAS": True, "HAS_RES": res, "VIDEO_P": video, "STATS_OUT": stats,
-                        "EVEN_K": True,
+                        "VIDEO_IN": video_in, "EVEN_K": True,
                         "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "INTERPRETED": False,
                         "BLOCK_M": block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "GROUP_M": cfg.group_m},
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=dtype != torch.float32,
-            divisible=("M", "N", "K", "stride_x", "stride_r") if video else ("N", "K", "stride_x", "stride_r"),
+            divisible=divisible,
+            # the video layout's rows (pixels of one image) load or store as 16-byte vectors
+            max_narrow_global=0 if pixels else None,
         ))
     return specs

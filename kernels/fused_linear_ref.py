@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["row_stats_ref", "layer_norm_linear_ref", "linear_residual_ref", "linear_to_video_residual_ref"]
+__all__ = ["row_stats_ref", "layer_norm_linear_ref", "linear_residual_ref", "linear_to_video_residual_ref",
+           "video_group_stats_ref", "group_norm_linear_ref"]
 
 
 def row_stats_ref(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,3 +44,30 @@ def linear_to_video_residual_ref(t: torch.Tensor, weight: torch.Tensor, bias: to
     bf, c, h, w = x.shape
     y = F.linear(t, weight, bias).view(bf, h * w, c).permute(0, 2, 1).reshape(bf, c, h, w)
     return x + y
+
+
+def video_group_stats_ref(x: torch.Tensor, num_frames: int, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm statistics of x (B*F, C, H, W) per video and group: mean and 1 / sqrt(biased variance + eps),
+    fp32 (B, G)."""
+    bf, c, h, w = x.shape
+    xg = x.reshape(bf // num_frames, num_frames, groups, c // groups, h * w).float()
+    var, mean = torch.var_mean(xg, dim=(1, 3, 4), unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+def group_norm_linear_ref(x: torch.Tensor, num_frames: int, gn_weight: torch.Tensor | None,
+                          gn_bias: torch.Tensor | None, groups: int, eps: float, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A transformer's GroupNorm (statistics per video), its permute to token rows in (b, f, p) order and its
+    proj_in, as eager passes: the norm's output in x's dtype, then the linear. (B*F*H*W, N)."""
+    bf, c, h, w = x.shape
+    b = bf // num_frames
+    xg = x.reshape(b, num_frames, groups, c // groups, h * w).float()
+    var, mean = torch.var_mean(xg, dim=(1, 3, 4), keepdim=True, unbiased=False)
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(bf, c, h * w)
+    if gn_weight is not None:
+        y = y * gn_weight.float()[None, :, None]
+    if gn_bias is not None:
+        y = y + gn_bias.float()[None, :, None]
+    tokens = y.to(x.dtype).permute(0, 2, 1).reshape(bf * h * w, c)
+    return F.linear(tokens, weight, bias)

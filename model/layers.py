@@ -127,14 +127,39 @@ def fused_transformer_gemms(x: torch.Tensor, module: nn.Module, backend: str) ->
     return transformer_gemm_for(x.device, module.gemm_level) == "fused" and not needs_grad(x, module)
 
 
-def _proj_in(module: nn.Module, t: torch.Tensor, fused: bool) -> tuple[torch.Tensor, Any]:
-    """proj_in on token rows t, and in the fused mode (`fused`: `fused_transformer_gemms` of the transformer)
-    also the first block's LayerNorm statistics of its output from the GEMM's epilogue (None otherwise)."""
-    if fused:
-        from pdengine.kernels.fused_linear import fused_linear
+def _norm_proj_in(module: nn.Module, x: torch.Tensor, num_frames: int, fused: bool) -> tuple[torch.Tensor, Any]:
+    """A transformer's GroupNorm (statistics per video of `num_frames` images), token rows in (b, f, p) order
+    and proj_in, from x (B*F, C, H, W). In the fused mode (`fused`: `fused_transformer_gemms` of the
+    transformer) also the first block's LayerNorm statistics of the output from the GEMM's epilogue (None
+    otherwise), and where the images are large enough (`group_norm_fold_ok`) the norm is folded into proj_in:
+    one read of x for the statistics, and the GEMM normalises x's tiles as it loads them (the normalised
+    tokens are never written). Otherwise the GroupNorm-to-tokens layout kernel, then proj_in."""
+    from pdengine.kernels import fused_linear as fl
+    from pdengine.kernels.temporal_attention import video_group_norm_to_tokens
 
-        return fused_linear(t, module.proj_in.weight, module.proj_in.bias, stats_out=True)
-    return module.proj_in(t), None
+    norm, proj = module.norm, module.proj_in
+    if fused and fl.group_norm_fold_ok(x.shape[2] * x.shape[3], x.dtype):
+        stats = fl.video_group_stats(x, num_frames, norm.num_groups, norm.eps)
+        return fl.group_norm_linear(x, num_frames, stats, _folded_group_norm(module), stats_out=True)
+    t = video_group_norm_to_tokens(x, num_frames, norm.weight, norm.bias, norm.num_groups, norm.eps)
+    if fused:
+        return fl.fused_linear(t, proj.weight, proj.bias, stats_out=True)
+    return proj(t), None
+
+
+def _folded_group_norm(module: nn.Module) -> Any:
+    """The transformer's GroupNorm affine folded into its proj_in (`fused_linear.fold_layer_norm`: W * gamma,
+    b + W @ beta), once per weight version, device and dtype."""
+    from pdengine.kernels.fused_linear import fold_layer_norm
+
+    norm, proj = module.norm, module.proj_in
+    params = (norm.weight, norm.bias, proj.weight, proj.bias)
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params if p is not None)
+    cached = getattr(module, "_gn_fold_cache", None)
+    if cached is None or cached[0] != key:
+        cached = (key, fold_layer_norm(norm.weight, norm.bias, norm.eps, proj.weight, proj.bias))
+        module._gn_fold_cache = cached
+    return cached[1]
 
 
 def _proj_out_residual(module: nn.Module, t: torch.Tensor, x: torch.Tensor, num_frames: int,
@@ -536,14 +561,11 @@ class SpatialTransformer(_BackendSwitch, nn.Module):
         bf, c, h, w = x.shape
         if use_kernels(self.backend, x):
             # The temporal transformer's layout kernels with one frame per "video": the per-image GroupNorm
-            # writes token rows directly, and the way back is fused with the residual add (no permute copies).
-            from pdengine.kernels.temporal_attention import video_group_norm_to_tokens
-
+            # writes token rows directly (or folds into proj_in), and the way back is fused with the residual
+            # add (no permute copies).
             x = x.contiguous()
-            t = video_group_norm_to_tokens(x, 1, self.norm.weight, self.norm.bias, self.norm.num_groups,
-                                           self.norm.eps)
             fused = fused_transformer_gemms(x, self, self.backend)  # once per call, for proj_in and proj_out
-            t, partials = _proj_in(self, t, fused)
+            t, partials = _norm_proj_in(self, x, 1, fused)
             t = t.view(bf, h * w, -1)
             for block in self.transformer_blocks:
                 t, partials = block(t, context, partials), None
@@ -604,14 +626,11 @@ class TemporalTransformer(_BackendSwitch, nn.Module):
     def _forward_kernels(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
         # Tokens stay in (b, f, p) row order from proj_in to proj_out: the projections are plain GEMMs and
         # the attention kernel walks frames with a stride of H*W rows, so the (b p) f permutes vanish. The
-        # GroupNorm writes tokens directly, and the way back is fused with the residual add.
-        from pdengine.kernels.temporal_attention import video_group_norm_to_tokens
-
+        # GroupNorm writes tokens directly (or folds into proj_in), and the way back is fused with the residual
+        # add.
         bf, c, h, w = x.shape
-        t = video_group_norm_to_tokens(x, num_frames, self.norm.weight, self.norm.bias, self.norm.num_groups,
-                                       self.norm.eps)
         fused = fused_transformer_gemms(x, self, self.backend)  # once per call, for proj_in and proj_out
-        t, partials = _proj_in(self, t, fused)
+        t, partials = _norm_proj_in(self, x, num_frames, fused)
         for block in self.transformer_blocks:
             t, partials = block.forward_frames(t, num_frames, h * w, partials), None
         return _proj_out_residual(self, t, x, num_frames, fused)
