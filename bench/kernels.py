@@ -593,7 +593,54 @@ def _fused_linear_cases(levels: Iterable[tuple[int, int]], videos: int, frames: 
         cases.append(Case("fused_linear", f"N{rows} K{c} -> {c} ({hw}x{hw})", "out + residual", ("fwd",), make,
                           {"triton": _fl_res_triton, "torch_ref": _fl_res_ref, "torch_compile": _fl_res_compile},
                           modeled_res))
+        if hw * hw >= 64:  # where the fold runs (`group_norm_fold_ok`)
+            cases.append(_gn_proj_in_case(hw, c, videos, frames))
     return cases
+
+
+def _gn_proj_in_case(hw: int, c: int, videos: int, frames: int) -> Case:
+    """A temporal transformer's GroupNorm (32 groups, statistics per video), its way to token rows and proj_in
+    (C -> C): folded into one GEMM (`group_norm_linear`, after `video_group_stats`) against the GroupNorm-to-
+    tokens layout kernel + cuBLAS (`triton_layout`: the default path) and the eager norm, permute and linear."""
+    n = 2 * videos * frames
+
+    def make(device: str, dtype: torch.dtype) -> dict[str, Any]:
+        from pdengine.kernels.fused_linear import fold_layer_norm
+
+        torch.manual_seed(0)
+        s = {"x": torch.randn(n, c, hw, hw, device=device, dtype=dtype),
+             "gn_w": 1.0 + 0.1 * torch.randn(c, device=device, dtype=dtype),
+             "gn_b": 0.1 * torch.randn(c, device=device, dtype=dtype),
+             "w": torch.randn(c, c, device=device, dtype=dtype) * c ** -0.5,
+             "b": 0.1 * torch.randn(c, device=device, dtype=dtype)}
+        s["folded"] = fold_layer_norm(s["gn_w"], s["gn_b"], 1e-6, s["w"], s["b"])  # once per weight version
+        return s
+
+    def modeled(dtype: torch.dtype) -> int:  # x read twice (statistics, GEMM), the tokens written; weights
+        act = n * c * hw * hw * _item(dtype)
+        return 3 * act + (c * c + c) * _item(dtype) + c * 4
+
+    def triton_fold(s: dict[str, Any]) -> Workload:
+        from pdengine.kernels.fused_linear import group_norm_linear, video_group_stats
+
+        return Workload(lambda: group_norm_linear(s["x"], frames, video_group_stats(s["x"], frames, 32, 1e-6),
+                                                  s["folded"]))
+
+    def triton_layout(s: dict[str, Any]) -> Workload:
+        from pdengine.kernels.temporal_attention import video_group_norm_to_tokens
+
+        return Workload(lambda: torch.nn.functional.linear(
+            video_group_norm_to_tokens(s["x"], frames, s["gn_w"], s["gn_b"], 32, 1e-6), s["w"], s["b"]))
+
+    def ref(s: dict[str, Any], compile: bool = False) -> Workload:
+        from pdengine.kernels.fused_linear_ref import group_norm_linear_ref
+
+        fn = torch.compile(group_norm_linear_ref, dynamic=False) if compile else group_norm_linear_ref
+        return Workload(lambda: fn(s["x"], frames, s["gn_w"], s["gn_b"], 32, 1e-6, s["w"], s["b"]))
+
+    return Case("fused_linear", f"{n}x{c}x{hw}x{hw} -> N{n * hw * hw} x {c}", "group norm + proj_in", ("fwd",),
+                make, {"triton": triton_fold, "triton_layout": triton_layout, "torch_ref": ref,
+                       "torch_compile": lambda s: ref(s, compile=True)}, modeled)
 
 
 def _item(dtype: torch.dtype) -> int:

@@ -59,15 +59,11 @@ def group_norm_linear_ref(x: torch.Tensor, num_frames: int, gn_weight: torch.Ten
                           gn_bias: torch.Tensor | None, groups: int, eps: float, weight: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """A transformer's GroupNorm (statistics per video), its permute to token rows in (b, f, p) order and its
-    proj_in, as eager passes: the norm's output in x's dtype, then the linear. (B*F*H*W, N)."""
+    proj_in, as eager PyTorch runs them (diffusers' temporal transformer): the video permuted to (B, C, F, H*W)
+    for the norm, normalised in x's dtype, permuted to token rows, then the linear. (B*F*H*W, N)."""
     bf, c, h, w = x.shape
     b = bf // num_frames
-    xg = x.reshape(b, num_frames, groups, c // groups, h * w).float()
-    var, mean = torch.var_mean(xg, dim=(1, 3, 4), keepdim=True, unbiased=False)
-    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(bf, c, h * w)
-    if gn_weight is not None:
-        y = y * gn_weight.float()[None, :, None]
-    if gn_bias is not None:
-        y = y + gn_bias.float()[None, :, None]
-    tokens = y.to(x.dtype).permute(0, 2, 1).reshape(bf * h * w, c)
+    video = x.view(b, num_frames, c, h * w).permute(0, 2, 1, 3)
+    y = F.group_norm(video, groups, gn_weight, gn_bias, eps)  # (B, C, F, H*W)
+    tokens = y.permute(0, 2, 3, 1).reshape(bf * h * w, c)
     return F.linear(tokens, weight, bias)

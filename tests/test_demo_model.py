@@ -55,7 +55,10 @@ def test_demo_follows_its_instructions_on_unseen_clips(unseen):
     assert result["motion_accuracy"] >= 0.5
 
 
-def test_generate_command_with_the_default_model(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param(None, marks=pytest.mark.gpu)])
+def test_generate_command_with_the_default_model(tmp_path, device):
+    """Also on a CUDA machine with no --device: the current GPU by index, the captured sampler and the
+    kernels; the video follows its instruction there too."""
     spec = ClipSpec.from_dict({**sample_spec(np.random.default_rng([SEED, 1]), "move").to_dict(),
                                "colour": "red", "direction": "right", "start": [0.25, 0.5], "distance": 0.45})
     frames, truth = render_clip(spec, DEMO_SIZE, DEMO_FRAMES)
@@ -66,7 +69,8 @@ def test_generate_command_with_the_default_model(tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["generate", "a red circle moves to the right", "--first-frame",
                                        str(tmp_path / "first.png"), "--last-frame", str(tmp_path / "last.png"),
-                                       "--steps", "20", "--tau", "20", "--out", str(out), "--device", "cpu"])
+                                       "--steps", "20", "--tau", "20", "--out", str(out),
+                                       *(["--device", device] if device else [])])
     assert result.exit_code == 0, result.output
     assert "RANDOM" not in result.output
     record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])

@@ -675,3 +675,15 @@ def test_the_training_gpu_is_named_with_its_index(monkeypatch):
     assert TrainConfig().resolved_device() == torch.device("cuda", 3)
     with pytest.raises(ConfigError, match="only 4 CUDA device"):
         TrainConfig(device="cuda:4").resolved_device()
+
+
+@pytest.mark.gpu
+def test_training_on_the_gpu(gpu, tiny_pipeline_dir, cache_dir, tmp_path):
+    """`pdengine train` on a CUDA device named without an index: bf16 autocast, the kernels' backward passes,
+    fused AdamW, EMA, checkpointing; finite losses, GPU memory in the metrics, a model folder at the end."""
+    out = tmp_path / "gpu"
+    summary = train(_cfg(tiny_pipeline_dir, cache_dir, out, device="cuda", steps=2, save_every=2, ema=0.9))
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    assert all(r["torch_max_allocated_gb"] > 0 for r in rows)
+    assert summary["losses"] == [r["loss"] for r in rows] and (out / "final" / "unet").is_dir()
