@@ -67,7 +67,8 @@ torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 if on tests; then
   stage gpu tests
   timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernel_fused_linear.py \
-    tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py tests/test_kernel_geglu.py \
+    tests/test_kernel_adamw_sr.py tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py \
+    tests/test_kernel_geglu.py \
     tests/test_kernels_gpu.py tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py \
     tests/test_schedulers.py tests/test_pipeline.py tests/test_demo_model.py tests/test_trainer.py \
     >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"

@@ -165,7 +165,12 @@ def _gpu_measure(provider: str, b: int, cfg: dict, abar: torch.Tensor, steps: in
         if lean:
             model.to(torch.bfloat16)
         apply_activation_checkpointing(model, "full" if lean else "attention")
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        if lean:  # what `pdengine train --pure-bf16` runs: AdamW with stochastic rounding (kernels/adamw_sr.py)
+            from pdengine.train.optim import AdamWSR
+
+            opt = AdamWSR(model.parameters(), lr=1e-5)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         if provider == "pdengine_compile":
             model = torch.compile(model, dynamic=False)
     else:

@@ -249,6 +249,7 @@ def compile_spec(spec: CompileSpec, arch: int, use_cache: bool = True) -> Compil
 def all_specs() -> list[CompileSpec]:
     """Every kernel launch of the kernel families at the `pixeldance` preset's shapes."""
     from . import (
+        adamw_sr,
         add_layer_norm,
         concat_cond,
         fused_linear,
@@ -261,6 +262,6 @@ def all_specs() -> list[CompileSpec]:
 
     specs: list[CompileSpec] = []
     for module in (temporal_conv, temporal_attention, concat_cond, latent_update, geglu, fused_linear,
-                   group_norm_silu, add_layer_norm):
+                   group_norm_silu, add_layer_norm, adamw_sr):
         specs.extend(module.compile_specs())
     return specs

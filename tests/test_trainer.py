@@ -687,3 +687,20 @@ def test_training_on_the_gpu(gpu, tiny_pipeline_dir, cache_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     assert all(r["torch_max_allocated_gb"] > 0 for r in rows)
     assert summary["losses"] == [r["loss"] for r in rows] and (out / "final" / "unet").is_dir()
+
+
+def test_pure_bf16_trains_with_stochastic_rounding(tiny_pipeline_dir, cache_dir, tmp_path):
+    """--pure-bf16: bf16 weights and moments, AdamW with stochastic rounding (train/optim.py: rounded to nearest
+    almost every update at fine-tuning rates would be lost), finite losses, a bf16 model folder that moved."""
+    out = tmp_path / "bf16"
+    summary = train(_cfg(tiny_pipeline_dir, cache_dir, out, steps=2, pure_bf16=True, save_every=2))
+    assert all(np.isfinite(loss) for loss in summary["losses"])
+    state, _ = load_trainer_state(latest_checkpoint(out))
+    assert state["config"]["pure_bf16"] is True
+    from safetensors.torch import load_file
+
+    (weights_file,) = (out / "final" / "unet").glob("*.safetensors")
+    assert {t.dtype for t in load_file(weights_file).values()} == {torch.bfloat16}
+    final = UNet3D.from_pretrained(out / "final" / "unet")
+    init = UNet3D.from_pretrained(tiny_pipeline_dir / "unet")
+    assert not torch.equal(final.conv_in.weight.float(), init.conv_in.weight.float())

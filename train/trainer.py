@@ -649,6 +649,12 @@ class _Run:
             import bitsandbytes as bnb
 
             self.optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        elif cfg.pure_bf16:
+            # bf16 weights without an fp32 master copy: rounded to nearest, almost every update at fine-tuning
+            # rates would be lost; AdamWSR rounds stochastically (kernels/adamw_sr.py).
+            from pdengine.train.optim import AdamWSR
+
+            self.optimizer = AdamWSR(params, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed)
         else:
             fused = self.device.type == "cuda"
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -880,7 +886,8 @@ class _Run:
                      "text_encoder/, tokenizer/), so `pdengine generate` cannot load them as they are")
         n_params = sum(p.numel() for p in self.unet.parameters())
         self.log(f"training {n_params / 1e6:.1f}M parameters on {self.device} x{self.dist.world_size} "
-                 f"({'bf16' if self.bf16 else 'fp32'}{' pure' if cfg.pure_bf16 else ''}, checkpointing "
+                 f"({'bf16' if self.bf16 else 'fp32'}{' pure, AdamW with stochastic rounding' if cfg.pure_bf16 else ''}"
+                 ", checkpointing "
                  f"{cfg.checkpointing}); {len(self.video.dataset)} videos"
                  + (f", {len(self.image.dataset)} images" if self.image is not None else "")
                  + f"; setup {time.perf_counter() - t_setup:.1f}s")
