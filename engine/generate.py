@@ -309,8 +309,10 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
             lasts = [image(s.last_frame) for s in batch]
             videos = pipe.generate([s.prompt for s in batch], firsts, lasts, batch_seeds, settings,
                                    clips=job.clips, on_step=lambda i: bar.update(1))
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)  # the batch's time is the GPU's, not the time to queue its work
             # Graph capture (first batch of a bucket) is reported apart from sampling time.
-            capture = sum(sp.capture_seconds for sp in pipe._samplers.values()) - captured
+            capture = pipe.capture_seconds - captured
             captured += capture
             if capture > 0:
                 log(f"captured the denoising step as a CUDA graph in {capture:.2f} s")
@@ -407,29 +409,43 @@ class BatchWriter:
 
 def auto_batch_size(pipe, settings: SampleSettings, limit: int, log: Callable[[str], None],
                     headroom: float = 0.9) -> int:
-    """The largest power-of-two batch (<= limit) whose denoising step + decode fit in `headroom` of the
-    GPU's memory, found by running one step of each candidate and reading the allocator's peak. On the
-    CPU there is nothing to measure: 1."""
+    """The largest power-of-two batch (<= limit) whose denoising step + decode fit in `headroom` of the GPU
+    memory this process may use (free memory plus what its allocator holds: other processes' use is left
+    out), found by running one step of each candidate and reading the allocator's peaks. The captured
+    sampler keeps its step's memory pool while the batch decodes, so the step's and the decode's extra
+    memory count together. On the CPU there is nothing to measure: 1."""
     import torch
 
     if pipe.device.type != "cuda":
         log("--batch-size auto: no GPU memory to size against on the CPU; using 1")
         return 1
-    total = torch.cuda.get_device_properties(pipe.device).total_memory
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(pipe.device)
+    budget = free + torch.cuda.memory_reserved(pipe.device)
     probe = SampleSettings(**{**asdict(settings), "steps": 1, "tau": None})
     best, b = 1, 1
     while b <= limit:
         torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(pipe.device)
         torch.cuda.reset_peak_memory_stats(pipe.device)
         try:
             lat = pipe.sample_clip(["probe"] * b, [None] * b, [None] * b,
                                    [torch.Generator().manual_seed(0) for _ in range(b)], probe, static=False)
+            step = torch.cuda.max_memory_allocated(pipe.device) - base
+            mid = torch.cuda.memory_allocated(pipe.device)
+            torch.cuda.reset_peak_memory_stats(pipe.device)
             pipe.decode(lat)
-        except torch.OutOfMemoryError:
-            break
-        peak = torch.cuda.max_memory_allocated(pipe.device)
-        log(f"--batch-size auto: batch {b} peaks at {peak / 2**30:.2f} GiB of {total / 2**30:.1f} GiB")
-        if peak > headroom * total:
+            decode = torch.cuda.max_memory_allocated(pipe.device) - mid
+        except RuntimeError as e:  # torch.OutOfMemoryError, or cuBLAS / cuDNN failing to allocate
+            if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or "ALLOC" in str(e):
+                break
+            raise
+        finally:
+            lat = None
+        peak = base + step + decode
+        log(f"--batch-size auto: batch {b} needs about {peak / 2**30:.2f} GiB of {budget / 2**30:.1f} GiB "
+            "(its step and its decode)")
+        if peak > headroom * budget:
             break
         best, b = b, b * 2
     torch.cuda.empty_cache()

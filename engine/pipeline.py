@@ -187,6 +187,7 @@ class PixelDancePipeline:
         self.use_cuda_graph = True
         self.compile_backend: str | None = None  # torch.compile the static sampler's UNet (`--compile`)
         self._samplers: dict = {}
+        self._retired_capture_seconds = 0.0
         self.latent_channels = int(vae.config.latent_channels)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = float(vae.config.scaling_factor)
@@ -238,6 +239,10 @@ class PixelDancePipeline:
                 f"model folder {root}: unet cross_attention_dim {unet.config['cross_attention_dim']} != "
                 f"text encoder hidden size {text_encoder.config.hidden_size}"
             )
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            # The folder says its VAE overflows in fp16 (SD-family VAEs do: NaN, then black frames): it
+            # encodes and decodes in fp32, as diffusers' pipelines do, and hands back fp16 latents.
+            vae.to(torch.float32)
         for m in (unet, vae, text_encoder):
             m.requires_grad_(False).eval().to(device)
         if device.type == "cuda":
@@ -268,7 +273,7 @@ class PixelDancePipeline:
         same latent)."""
         out = []
         for chunk in images.split(max(1, images_per_chunk)):
-            posterior = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
+            posterior = self.vae.encode(chunk.to(self.device, self.vae.dtype)).latent_dist
             out.append(((posterior.mean - self.shift_factor) * self.scaling_factor).to(self.dtype))
         return torch.cat(out)
 
@@ -278,10 +283,16 @@ class PixelDancePipeline:
         time so memory stays bounded (the VAE treats frames independently, so chunking is exact)."""
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-        video = decode_frames(self.vae, flat / self.scaling_factor + self.shift_factor, self.dtype, frames_per_chunk)
+        video = decode_frames(self.vae, flat / self.scaling_factor + self.shift_factor, self.vae.dtype,
+                              frames_per_chunk)
         return video.reshape(b, f, *video.shape[1:]).permute(0, 2, 1, 3, 4)
 
     # ------------------------------------------------------------------ sampling
+    @property
+    def capture_seconds(self) -> float:
+        """CUDA-graph capture time of every sampler this pipeline has built so far."""
+        return self._retired_capture_seconds + sum(sp.capture_seconds for sp in self._samplers.values())
+
     def make_scheduler(self, settings: SampleSettings):
         from .schedulers import load_scheduler
 
@@ -298,6 +309,13 @@ class PixelDancePipeline:
                         settings.sampler, settings.eta, settings.guidance > 1.0)
         key = (bucket, self.use_cuda_graph, self.compile_backend)
         if key not in self._samplers:
+            if self.device.type == "cuda" and self._samplers:
+                # A captured graph holds its private memory pool while it lives: one bucket's at a time, so a
+                # new bucket (the smaller last batch of a prompts file, say) never needs two pools' memory,
+                # which `--batch-size auto` did not measure.
+                self._retired_capture_seconds += sum(sp.capture_seconds for sp in self._samplers.values())
+                self._samplers.clear()
+                torch.cuda.empty_cache()
             self._samplers[key] = StaticSampler(self.unet, self.make_scheduler(settings), bucket, self.device,
                                                 use_graph=self.use_cuda_graph, compile_backend=self.compile_backend)
         return self._samplers[key]

@@ -627,7 +627,8 @@ def _video_group_stats(x: torch.Tensor, num_frames: int, groups: int, eps: float
 def video_group_stats(x: torch.Tensor, num_frames: int, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GroupNorm statistics of x (B*F, C, H, W) per video and group (over C/G x F x H x W): mean and
     1 / sqrt(biased variance + eps), fp32 (B, G). One read of x (per-frame partials, then an exact merge)."""
-    if x.dim() != 4 or not x.is_contiguous() or x.shape[0] % num_frames or groups < 1 or x.shape[1] % groups:
+    if (x.dim() != 4 or not x.is_contiguous() or num_frames < 1 or x.shape[0] % num_frames or groups < 1
+            or x.shape[1] % groups):
         raise ValueError(f"x must be a contiguous (B*F, C, H, W) tensor with F = {num_frames} dividing B*F and "
                          f"groups = {groups} dividing C, got {tuple(x.shape)}")
     _check_inference(x)

@@ -27,14 +27,18 @@ logger = logging.getLogger("pdengine")
 MIN_CAPABILITY = (8, 0)
 
 
+_GPU_PROBLEMS: dict[int, str] = {}  # per device index: asked once (every layer asks at every call)
+
+
 @torch.compiler.assume_constant_result  # read once while tracing, a constant in the compiled graph
 def gpu_kernel_problem(index: int) -> str:
     """Why CUDA device `index` cannot run the Triton kernels ("" when it can)."""
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) >= MIN_CAPABILITY:
-        return ""
-    return (f"{torch.cuda.get_device_name(index)} is compute capability {major}.{minor}; the Triton kernels "
+    if index not in _GPU_PROBLEMS:
+        major, minor = torch.cuda.get_device_capability(index)
+        _GPU_PROBLEMS[index] = "" if (major, minor) >= MIN_CAPABILITY else (
+            f"{torch.cuda.get_device_name(index)} is compute capability {major}.{minor}; the Triton kernels "
             f"need {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere, Ada, Hopper)")
+    return _GPU_PROBLEMS[index]
 
 
 def kernel_problem(x: torch.Tensor) -> str:

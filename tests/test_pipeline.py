@@ -276,3 +276,15 @@ def test_encode_in_chunks_equals_whole(pipe):
     images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(5)) * 2 - 1
     torch.testing.assert_close(pipe.encode_images(images, images_per_chunk=2),
                                pipe.encode_images(images, images_per_chunk=5), rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_keeps_a_force_upcast_vae_in_fp32(tiny_pipeline_dir):
+    """A VAE whose config says it overflows in fp16 (`force_upcast`, as SD-family VAEs do) encodes and decodes
+    in fp32 in an fp16 pipeline, handing back fp16 latents; the UNet and text encoder stay fp16."""
+    pipe = PixelDancePipeline.from_pretrained(tiny_pipeline_dir, dtype=torch.float16)
+    assert pipe.vae.config.force_upcast and pipe.vae.dtype == torch.float32
+    assert next(pipe.unet.parameters()).dtype == torch.float16
+    lat = pipe.encode_images(torch.zeros(2, 3, 64, 64))
+    assert lat.dtype == torch.float16
+    video = pipe.decode(lat.permute(1, 0, 2, 3)[None])  # (1, C, F=2, h, w)
+    assert video.dtype == torch.float32 and video.shape[2] == 2 and torch.isfinite(video).all()

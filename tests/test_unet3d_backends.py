@@ -180,8 +180,10 @@ def test_gpus_older_than_the_kernels_support_use_the_reference_or_say_why(monkey
     error; on Ampere and newer both run the kernels. (A stand-in for a CUDA tensor: only its device is read.)"""
     from types import SimpleNamespace
 
+    from pdengine.model import layers
     from pdengine.model.layers import kernel_problem, use_kernels
 
+    monkeypatch.setattr(layers, "_GPU_PROBLEMS", {})
     x = SimpleNamespace(is_cuda=True, is_meta=False, device=torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Tesla T4")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
@@ -191,5 +193,7 @@ def test_gpus_older_than_the_kernels_support_use_the_reference_or_say_why(monkey
                                            r"kernels need 8\.0 or newer"):
         use_kernels("triton", x)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    assert "7.5" in kernel_problem(x)  # asked once per device
+    monkeypatch.setattr(layers, "_GPU_PROBLEMS", {})
     assert kernel_problem(x) == "" and use_kernels("auto", x) and use_kernels("triton", x)
     assert kernel_problem(torch.zeros(1)) == ""  # CPU tensors: the interpreter's business, not a GPU's
