@@ -60,7 +60,7 @@ def _quiet_libraries() -> None:
 @click.option("--out", "out_dir", default="outputs", type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--device", help="cpu, cuda, cuda:1 ...  [default: cuda if available]")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="[default: bf16 on CUDA, fp32 on CPU]")
+              help="[default: bf16 on CUDA (fp16 on GPUs older than compute capability 8.0), fp32 on CPU]")
 @click.option("--t2i-model", type=click.Path(file_okay=False),
               help="Stable Diffusion folder that makes the first frame from the text when none is given.")
 @click.option("--backend", type=click.Choice(["auto", "triton", "torch"]), default="auto",

@@ -4,6 +4,7 @@ manifest line per video."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -153,7 +154,10 @@ def _torch_dtype(name: str | None, device: str):
     import torch
 
     if name is None:
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if not device.startswith("cuda"):
+            return torch.float32
+        # bf16 where the GPU computes it natively (compute capability 8.0+), fp16 on older GPUs
+        return torch.bfloat16 if torch.cuda.get_device_capability(torch.device(device))[0] >= 8 else torch.float16
     return getattr(torch, DTYPES[name])
 
 
@@ -169,8 +173,8 @@ def _pick_device(name: str | None, local_rank: int = 0, world: int = 1) -> str:
         name = "cuda"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {name}: CUDA is not available on this machine")
-    if name == "cuda":
-        return f"cuda:{local_rank if world > 1 else torch.cuda.current_device()}"
+    if name == "cuda":  # under torchrun LOCAL_RANK's GPU (modulo the GPUs this rank sees: one each, or all)
+        return f"cuda:{local_rank % torch.cuda.device_count() if world > 1 else torch.cuda.current_device()}"
     return name
 
 
@@ -247,7 +251,9 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] | None = None, res
 
         # Only a barrier is needed (no tensors cross ranks), so gloo serves CPU and GPU runs alike.
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
+            # A rank whose share is done (or was done before a --resume) waits at the closing barrier for the
+            # others: far longer than gloo's default 30 minutes on a long prompt list.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     device = _pick_device(job.device, local_rank, world)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))  # kernels and graphs use the current device

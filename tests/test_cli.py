@@ -418,9 +418,18 @@ def test_a_gpu_is_always_named_with_its_index(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert _pick_device(None) == "cuda:1" and _pick_device("cuda") == "cuda:1"
     assert _pick_device(None, local_rank=3, world=4) == "cuda:3" and _pick_device("cuda", 2, 4) == "cuda:2"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a launcher showing each rank its one GPU
+    assert _pick_device(None, local_rank=3, world=4) == "cuda:0"
     assert _pick_device("cuda:0", 3, 4) == "cuda:0" and _pick_device("cpu") == "cpu"
+    from pdengine.engine.generate import _torch_dtype
+
+    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert _torch_dtype(None, "cuda:0") == dtype  # bf16 only where the GPU computes it natively
+    assert _torch_dtype(None, "cpu") == torch.float32 and _torch_dtype("bf16", "cpu") == torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _pick_device(None) == "cpu"
     with pytest.raises(GenerateError, match="CUDA is not available"):
