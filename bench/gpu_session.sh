@@ -14,7 +14,7 @@
 # diffusers under torch.compile, batch 8). One call may run 600 s at most, and a task's whole lease is 15
 # minutes of device time: the machine's start (a minute or more), every call, the transfers and the idle
 # time between calls all count. So plan about 12 minutes of commands, in two calls:
-#   1. STAGES="tests tune sample" T_TESTS=100 T_TUNE=150 T_SAMPLE=260   (run's timeout_s 550)
+#   1. STAGES="tests tune sample" T_TESTS=150 T_TUNE=150 T_SAMPLE=240   (run's timeout_s 560)
 #   2. at once, while the machine is warm (it goes back 30 s after a call), after copying call 1's table to
 #      kernels/conv_tables/<gpu>.json ($OUT is emptied between calls; the tree is sent again):
 #      STAGES="kernels train" FAMILIES="temporal_conv temporal_attention latent_update" T_KERNELS=40
@@ -63,14 +63,15 @@ python3 -c 'import torch, triton, diffusers, transformers; print("torch", torch.
 "diffusers", diffusers.__version__, "transformers", transformers.__version__, "cuda", torch.version.cuda,
 torch.cuda.get_device_name(0))' 2>&1 | tee -a "$LOG"
 
-# The families built since the last GPU run first: a cut run keeps what they said.
+# The commands' smoke tests (generate, train: paths no GPU run had reached) and the families built since the
+# last GPU run first: a cut run keeps what they said.
 if on tests; then
   stage gpu tests
-  timeout "${T_TESTS:-120}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_kernel_fused_linear.py \
-    tests/test_kernel_adamw_sr.py tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py \
-    tests/test_kernel_geglu.py \
+  timeout "${T_TESTS:-150}" python3 -m pytest -m gpu -v -rs -p no:cacheprovider tests/test_demo_model.py \
+    tests/test_trainer.py tests/test_pipeline.py tests/test_kernel_fused_linear.py tests/test_kernel_adamw_sr.py \
+    tests/test_kernel_group_norm_silu.py tests/test_kernel_add_layer_norm.py tests/test_kernel_geglu.py \
     tests/test_kernels_gpu.py tests/test_kernel_latent_update.py tests/test_kernel_concat_cond.py \
-    tests/test_schedulers.py tests/test_pipeline.py tests/test_demo_model.py tests/test_trainer.py \
+    tests/test_schedulers.py \
     >"$R/cuda-tests-$SHA.log" 2>&1; echo "rc=$?" >>"$R/cuda-tests-$SHA.log"; tail -25 "$R/cuda-tests-$SHA.log" | tee -a "$LOG"
 fi
 

@@ -199,8 +199,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.detach().to(device=self.device, dtype=torch.float32), 1.0 - self.decay)
+        state = model.state_dict()
+        names = [k for k, v in state.items() if v.device == self.device]
+        if names:  # on the weights' device: a few multi-tensor launches instead of one or two per tensor
+            torch._foreach_lerp_([self.shadow[k] for k in names],
+                                 [state[k].detach().to(torch.float32) for k in names], 1.0 - self.decay)
+        for k, v in state.items():
+            if v.device != self.device:  # EMA kept elsewhere (--ema-device cpu): copied over per tensor
+                self.shadow[k].lerp_(v.detach().to(device=self.device, dtype=torch.float32), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
