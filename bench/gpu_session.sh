@@ -95,7 +95,7 @@ if on sample; then
 fi
 
 if on kernels; then
-  for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear group_norm_silu add_layer_norm latent_update concat_cond}; do
+  for fam in ${FAMILIES:-temporal_conv temporal_attention geglu fused_linear group_norm_silu add_layer_norm latent_update concat_cond adamw_sr}; do
     stage "bench kernels $fam"
     timeout "${T_KERNELS:-90}" "${PD[@]}" bench kernels --device cuda --quick --profile --family $fam \
       --json "$R/cuda-kernels-$fam-$SHA.json" >>"$LOG" 2>&1; echo "rc=$?" | tee -a "$LOG"

@@ -54,7 +54,7 @@ from .common import (
 from .plot import write_plot
 
 FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu", "fused_linear",
-            "group_norm_silu", "add_layer_norm")
+            "group_norm_silu", "add_layer_norm", "adamw_sr")
 DIRECTIONS_WITH_BACKWARD = ("fwd", "bwd", "fwd+bwd")
 FRAMES = 16
 LEVELS = ((32, 320), (16, 640), (8, 1280), (4, 1280))  # (H = W, channels) of the UNet levels, 32x32 latent
@@ -775,6 +775,69 @@ def _aln_compile(s: dict[str, Any]) -> Workload:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# adamw_sr
+
+ADAMW_ELEMENTS = 3840 * 1280 * 8  # eight q/k/v-sized weights of the 8x8 level at once: 39M elements
+
+
+def _adamw_sr_cases(n: int = ADAMW_ELEMENTS) -> list[Case]:
+    """The optimizer step of `pdengine train --pure-bf16` over n elements (weights, gradients, both moments in
+    the run's dtype): the kernel (fp32 math, stochastic rounding) against the same step in eager PyTorch and
+    torch.optim.AdamW's fused step (`torch_adamw`: what --pure-bf16 ran before, rounding to nearest). The
+    weight and moments are restored before each timed call."""
+    hyper = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=10)
+
+    def make(device: str, dtype: torch.dtype) -> dict[str, Any]:
+        torch.manual_seed(0)
+        s = {"p0": torch.randn(n, device=device, dtype=dtype), "g": 1e-3 * torch.randn(n, device=device, dtype=dtype),
+             "m0": 1e-3 * torch.randn(n, device=device, dtype=dtype),
+             "v0": 1e-6 * torch.rand(n, device=device, dtype=dtype)}
+        s.update(p=s["p0"].clone(), m=s["m0"].clone(), v=s["v0"].clone())
+        return s
+
+    def restore(s: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: [s[k].copy_(s[k + "0"]) for k in ("p", "m", "v")]
+
+    def triton(s: dict[str, Any]) -> Workload:
+        from pdengine.kernels.adamw_sr import adamw_sr_step_
+
+        def run() -> torch.Tensor:
+            adamw_sr_step_(s["p"], s["g"], s["m"], s["v"], seed=1, **hyper)
+            return s["p"]
+
+        return Workload(run, setup=restore(s))
+
+    def ref(s: dict[str, Any]) -> Workload:
+        from pdengine.kernels.adamw_sr_ref import adamw_sr_step_ref_
+
+        def run() -> torch.Tensor:
+            adamw_sr_step_ref_(s["p"], s["g"], s["m"], s["v"], **hyper)
+            return s["p"]
+
+        return Workload(run, setup=restore(s))
+
+    def torch_adamw(s: dict[str, Any]) -> Workload:
+        step = torch.tensor(float(hyper["step"]), device=s["p"].device)
+
+        def run() -> torch.Tensor:
+            step.fill_(hyper["step"])
+            torch._fused_adamw_([s["p"]], [s["g"]], [s["m"]], [s["v"]], [], [step], lr=hyper["lr"],
+                                beta1=hyper["beta1"], beta2=hyper["beta2"], weight_decay=hyper["weight_decay"],
+                                eps=hyper["eps"], amsgrad=False, maximize=False)
+            return s["p"]
+
+        return Workload(run, setup=restore(s))
+
+    def modeled(dtype: torch.dtype) -> int:
+        from pdengine.kernels.adamw_sr import modeled_bytes
+
+        return modeled_bytes(n, dtype, dtype)
+
+    return [Case("adamw_sr", f"{n} elements", "optimizer step", ("fwd",), make,
+                 {"triton": triton, "torch_ref": ref, "torch_adamw": torch_adamw}, modeled)]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Cases
 
 
@@ -804,6 +867,8 @@ def build_cases(families: Iterable[str], quick: bool, videos: int = VIDEOS, fram
             cases += _group_norm_silu_cases(lv, videos, frames)
         elif fam == "add_layer_norm":
             cases += _add_layer_norm_cases(lv, videos, frames)
+        elif fam == "adamw_sr":
+            cases += _adamw_sr_cases()
         else:
             raise ValueError(f"unknown kernel family {fam!r} (known: {', '.join(FAMILIES)})")
     return cases

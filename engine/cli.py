@@ -161,7 +161,7 @@ def bench() -> None:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="CSV path [default: beside --json].")
 @click.option("--family", "families", multiple=True,
               type=click.Choice(["temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu",
-                                 "fused_linear", "group_norm_silu", "add_layer_norm"]),
+                                 "fused_linear", "group_norm_silu", "add_layer_norm", "adamw_sr"]),
               help="Only these kernel families (repeatable).  [default: all]")
 @click.option("--quick", is_flag=True, help="Fewer shapes.")
 @click.option("--profile", is_flag=True,

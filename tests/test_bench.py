@@ -18,7 +18,7 @@ from pdengine.bench.plot import write_plot
 from tests.kernel_utils import assert_close
 
 FAMILIES = ("temporal_conv", "temporal_attention", "concat_cond", "latent_update", "geglu", "fused_linear",
-            "group_norm_silu", "add_layer_norm")
+            "group_norm_silu", "add_layer_norm", "adamw_sr")
 ROW_KEYS = {"kernel", "provider", "device", "shape", "dtype", "direction", "status", "gpu", "torch", "triton",
             "diffusers", "git_sha", "timestamp"}
 
