@@ -732,8 +732,10 @@ class _Run:
             z0 = self.encoders.video(media.to(self.device, non_blocking=True))
             text = self.encoders.text(list(batch["caption"]))
         else:
-            z0 = batch["latents"].to(self.device, torch.float32, non_blocking=True)
-            text = batch["text"].to(self.device, torch.float32, non_blocking=True)
+            # Copied in their stored dtype (asynchronous from pinned memory), widened on the device: a dtype
+            # change in the same call would convert on the CPU first and copy synchronously.
+            z0 = batch["latents"].to(self.device, non_blocking=True).float()
+            text = batch["text"].to(self.device, non_blocking=True).float()
         return z0, text
 
     def _autocast(self):
