@@ -161,3 +161,28 @@ def test_gpu_step_at_a_weight_of_the_preset(gpu):
         assert ((got.float() == low) | (got.float() == high)).all()
     err = (p.float() - want[0]) / (_neighbours(want[0])[1] - _neighbours(want[0])[0]).clamp_min(1e-30)
     assert abs(err[want[0] != _neighbours(want[0])[0]].mean().item()) < 0.01
+
+
+def test_fsdp2_sharded_parameters_step_their_shards(tmp_path):
+    """Under FSDP2 (`pdengine train --fsdp --pure-bf16`) parameters and moments are DTensors: each rank steps
+    its local shard. One gloo process: the sharded step equals the unsharded one (same seed, rank 0)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Linear(16, 8).bfloat16()
+        sharded = torch.nn.Linear(16, 8).bfloat16()
+        sharded.load_state_dict(plain.state_dict())
+        fully_shard(sharded)
+        opts = [AdamWSR(m.parameters(), lr=1e-2, seed=3) for m in (plain, sharded)]
+        x = torch.randn(4, 16).bfloat16()
+        for model, opt in zip((plain, sharded), opts):
+            model(x).float().square().mean().backward()
+            opt.step()
+        assert type(sharded.weight).__name__ == "DTensor"
+        for a, b in zip(plain.parameters(), sharded.parameters()):
+            assert torch.equal(a.detach(), b.detach().full_tensor())
+    finally:
+        dist.destroy_process_group()

@@ -18,6 +18,18 @@ import torch
 __all__ = ["AdamWSR"]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter or state tensor; t itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class AdamWSR(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
@@ -62,17 +74,22 @@ class AdamWSR(torch.optim.Optimizer):
                 kw = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=group["weight_decay"], step=step)
                 seed = self._seed(step, index)
-                grad = p.grad.contiguous()
-                kernel = p.is_cuda if self.use_kernel is None else self.use_kernel
-                if kernel and not p.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                # FSDP2 shards parameters as DTensors: the step is elementwise, so each rank updates its own
+                # shard; the rank goes into the seed (the random streams' element index restarts per shard).
+                p_, grad, m_, v_ = (_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"]))
+                if p_ is not p:
+                    seed = (seed + 0x9E3779B1 * _rank()) % (1 << 31)
+                grad = grad.contiguous()
+                kernel = p_.is_cuda if self.use_kernel is None else self.use_kernel
+                if kernel and not p_.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
                     raise RuntimeError("AdamWSR(use_kernel=True) on CPU tensors needs TRITON_INTERPRET=1")
-                if kernel and p.is_contiguous():
+                if kernel and p_.is_contiguous():
                     from pdengine.kernels.adamw_sr import adamw_sr_step_
 
-                    adamw_sr_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], seed=seed, **kw)
+                    adamw_sr_step_(p_, grad, m_, v_, seed=seed, **kw)
                 else:
                     from pdengine.kernels.adamw_sr_ref import adamw_sr_step_ref_
 
-                    gen = torch.Generator(device=p.device).manual_seed(seed)
-                    adamw_sr_step_ref_(p, grad, state["exp_avg"], state["exp_avg_sq"], generator=gen, **kw)
+                    gen = torch.Generator(device=p_.device).manual_seed(seed)
+                    adamw_sr_step_ref_(p_, grad, m_, v_, generator=gen, **kw)
         return loss
