@@ -62,3 +62,21 @@ def assert_compiles_clean(specs, count: int) -> None:
             assert report.narrow_global <= spec.max_narrow_global, (
                 f"{spec.name} sm{arch}: {report.narrow_global} sub-word global accesses (at most "
                 f"{spec.max_narrow_global}): the activation is not moved as words or vectors")
+
+
+def assert_streaming_compiles_clean(specs) -> None:
+    """An elementwise family's compile specs: each configuration listed once, none a matrix multiply; every spec
+    compiles for every target arch with no spills, no tensor-core instructions, its activations moved as
+    vectors (sub-word accesses within the spec's bound)."""
+    from pdengine.kernels.compile_check import ARCHS, compile_all
+
+    keys = [(tuple(sorted(s.signature.items())), tuple(sorted(s.constexprs.items()))) for s in specs]
+    assert len(set(keys)) == len(keys), "compile_specs lists a configuration twice"
+    assert not any(spec.expects_mma for spec in specs)  # elementwise: no matrix multiply
+    bounds = {spec.name: spec.max_narrow_global for spec in specs}
+    reports = compile_all(specs)  # every spec for every arch, in parallel child processes
+    assert len(reports) == len(specs) * len(ARCHS)
+    for report in reports:
+        assert report.spills == 0, f"{report.name} sm{report.arch} spills {report.spills} bytes"
+        assert report.mma_instructions == 0
+        assert report.narrow_global <= bounds[report.name] and report.vector_global > 0, report.name

@@ -11,8 +11,7 @@ import torch
 from pdengine.engine.conditioning import build_c_image, unet_input
 from pdengine.engine.schedulers import default_scheduler
 from pdengine.kernels import concat_cond, concat_cond_ref
-from pdengine.kernels.compile_check import ARCHS, compile_all
-from tests.kernel_utils import assert_close, assert_low_precision_close
+from tests.kernel_utils import assert_close, assert_low_precision_close, assert_streaming_compiles_clean
 
 # (B, C, F, H, W): batch 1 with F = 2; odd F with H*W = 15 (no block multiple); F > 16.
 SHAPES = [(1, 4, 2, 4, 4), (3, 3, 5, 3, 5), (2, 4, 17, 2, 3)]
@@ -233,17 +232,7 @@ def test_modeled_bytes_counts_every_tensor_once():
 
 
 def test_compile_specs_no_spills():
-    specs = concat_cond.compile_specs()
-    keys = [(tuple(sorted(s.signature.items())), tuple(sorted(s.constexprs.items()))) for s in specs]
-    assert len(set(keys)) == len(keys), "compile_specs lists a configuration twice"
-    assert not any(spec.expects_mma for spec in specs)  # elementwise: no matrix multiply
-    bounds = {spec.name: spec.max_narrow_global for spec in specs}
-    reports = compile_all(specs)  # every spec for every arch, in parallel child processes
-    assert len(reports) == len(specs) * len(ARCHS)
-    for report in reports:
-        assert report.spills == 0, f"{report.name} sm{report.arch} spills {report.spills} bytes"
-        assert report.mma_instructions == 0
-        assert report.narrow_global <= bounds[report.name] and report.vector_global > 0, report.name
+    assert_streaming_compiles_clean(concat_cond.compile_specs())
 
 
 @pytest.mark.gpu
