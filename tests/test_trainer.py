@@ -170,16 +170,62 @@ def test_ema_weights_follow_the_update_formula(straight, tiny_pipeline_dir):
     _assert_same_weights(_weights(out / "final" / "ema"), expected, "final ema")
 
 
-def test_ema_class_update():
+def _ema_against_the_formula(model: torch.nn.Module, ema: EMA, steps: int = 3) -> None:
+    """Change the weights in place `steps` times, as an optimizer does (after `before_weights_change`), and
+    compare the average with the formula computed from copies of the weights."""
+    decay = ema.decay
+    expected = {k: v.detach().double().cpu().clone() for k, v in model.state_dict().items()}
+    for step in range(steps):
+        ema.before_weights_change()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5).add_(0.25 * (step + 1))
+        ema.update(model)
+        expected = {k: decay * expected[k] + (1 - decay) * v.detach().double().cpu()
+                    for k, v in model.state_dict().items()}
+    for k, v in ema.state_dict().items():
+        assert_close(v.double().cpu(), expected[k], name=f"ema {k}")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["in-place", "background-thread"])
+def test_ema_class_update(asynchronous):
+    """The average follows ema <- d * ema + (1 - d) * w, also when a background thread averages copies of the
+    weights (as with --ema-device cpu and GPU weights)."""
+    torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    ema = EMA(model, 0.75, torch.device("cpu"))
-    w0 = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update(model)
-    assert_close(ema.state_dict()["weight"], 0.75 * w0 + 0.25 * model.weight, name="ema")
+    ema = EMA(model, 0.75, torch.device("cpu"), asynchronous=asynchronous)
+    try:
+        _ema_against_the_formula(model, ema)
+    finally:
+        ema.close()
     with pytest.raises(ValueError, match="decay"):
         EMA(model, 1.0, torch.device("cpu"))
+
+
+def test_a_failed_background_average_is_raised():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.75, torch.device("cpu"), asynchronous=True)
+    ema.update(model)
+    ema.wait()
+    ema.shadow["weight"] = torch.zeros(5)  # no longer the weight's shape: the next average fails
+    ema.update(model)
+    with pytest.raises(RuntimeError):
+        ema.wait()
+    ema.close()
+
+
+@pytest.mark.gpu
+def test_ema_in_host_memory_of_gpu_weights(gpu):
+    """--ema-device cpu with the weights on a GPU: copies on a side stream into pinned buffers, averaged by a
+    background thread while the GPU goes on; the optimizer's in-place update waits for the copy."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64)).to(gpu)
+    ema = EMA(model, 0.9, torch.device("cpu"))
+    assert ema.asynchronous
+    try:
+        _ema_against_the_formula(model, ema, steps=4)
+    finally:
+        ema.close()
 
 
 def test_resume_after_a_kill_continues_exactly(straight, tiny_pipeline_dir, cache_dir, tmp_path, monkeypatch):
@@ -614,10 +660,12 @@ def _ddp_worker(rank: int, world: int, ports: list[int], config: dict, fsdp_conf
 @pytest.mark.slow  # about 30 s: two spawned processes, four runs
 def test_two_processes_match_one(tiny_pipeline_dir, cache_dir, tmp_path):
     common = dict(steps=3, save_every=2, dropout=0.0, lr=1e-3)
-    one = train(_cfg(tiny_pipeline_dir, cache_dir, tmp_path / "one", batch_size=2, **common))
+    one = train(_cfg(tiny_pipeline_dir, cache_dir, tmp_path / "one", batch_size=2, ema=0.5, **common))
     cfg = _cfg(tiny_pipeline_dir, cache_dir, tmp_path / "two", batch_size=1, **common).to_dict()
+    # FSDP with EMA: each rank averages its own shards (in a background thread with --ema-device cpu), the
+    # checkpoint gathers them and the resumed run shards them again.
     fsdp_cfg = _cfg(tiny_pipeline_dir, cache_dir, tmp_path / "fsdp", batch_size=1, fsdp=True, checkpointing="full",
-                    **common).to_dict()
+                    ema=0.5, ema_device="cpu", **common).to_dict()
     nan_cfg = _cfg(tiny_pipeline_dir, cache_dir, tmp_path / "nan", batch_size=1, **common).to_dict()
     (tmp_path / "nan").mkdir()
     ports = _free_ports(4)
@@ -628,6 +676,9 @@ def test_two_processes_match_one(tiny_pipeline_dir, cache_dir, tmp_path):
         assert [r["samples"] for r in rows] == [2, 2, 2]
         _assert_adam_weights_match(_weights(tmp_path / run / "final" / "unet"),
                                    _weights(tmp_path / "one" / "final" / "unet"), common["lr"], common["steps"], run)
+    # The average of weights that each moved by at most lr per step moved by at most that much too.
+    _assert_adam_weights_match(_weights(tmp_path / "fsdp" / "final" / "ema"), _weights(tmp_path / "one" / "final" / "ema"),
+                               common["lr"], common["steps"], "fsdp ema")
     state, tensors = load_trainer_state(latest_checkpoint(tmp_path / "two"))
     assert state["world_size"] == 2 and len(tensors["rng"]) == 2
     # A NaN seen by one rank stops both (the loss is all-reduced before the check).

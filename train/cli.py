@@ -68,7 +68,8 @@ def _options(f):
         click.option("--dropout", type=float, help="Override the UNet's dropout probability  [default: the model's]"),
         click.option("--ema", type=float, help="Keep EMA weights with this decay (e.g. 0.9999)  [default: off]"),
         click.option("--ema-device", type=click.Choice(["gpu", "cpu"]), default=_D.ema_device,
-                     help="Where the EMA weights live."),
+                     help="Where the EMA weights live (cpu: averaged in host memory by a background thread "
+                          "that overlaps the next step; with --fsdp each rank keeps its own shards)."),
         click.option("--fsdp", is_flag=True, default=_D.fsdp, help="Shard with FSDP2 instead of DDP (CUDA)."),
         click.option("--compile", is_flag=True, default=_D.compile,
                      help="torch.compile the UNet (Inductor; the first steps pay the compile time)."),

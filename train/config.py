@@ -271,8 +271,6 @@ class TrainConfig:
         if self.fsdp:
             if int(os.environ.get("WORLD_SIZE", "1")) < 2:
                 raise ConfigError("--fsdp shards over processes: launch with torchrun --nproc-per-node N (N >= 2)")
-            if self.ema is not None:
-                raise ConfigError("--ema with --fsdp is not supported yet (the EMA would need sharding too)")
             if self.optimizer == "adamw8bit":
                 raise ConfigError("--optimizer adamw8bit with --fsdp is not supported")
 

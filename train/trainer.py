@@ -52,6 +52,7 @@ from .checkpoint import (
     write_model_folder,
 )
 from .config import ConfigError, TrainConfig
+from .ema import EMA, save_ema_folder
 from .recipe import RecipeConfig, training_inputs, training_loss
 
 logger = logging.getLogger(__name__)
@@ -180,45 +181,6 @@ def set_dropout(unet: nn.Module, p: float) -> int:
     for m in layers:
         m.p = p
     return len(layers)
-
-
-class EMA:
-    """Exponential moving average of a model's weights, in fp32, on `device`:
-    after every optimizer step, ema <- decay * ema + (1 - decay) * weights."""
-
-    def __init__(self, model: nn.Module, decay: float, device: torch.device,
-                 state: dict[str, torch.Tensor] | None = None):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay, self.device = decay, device
-        source = state if state is not None else model.state_dict()
-        own = model.state_dict()
-        if set(source) != set(own):
-            raise ValueError("EMA state does not match the model's parameters")
-        self.shadow = {k: v.detach().to(device=device, dtype=torch.float32).clone() for k, v in source.items()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        state = model.state_dict()
-        names = [k for k, v in state.items() if v.device == self.device]
-        if names:  # on the weights' device: a few multi-tensor launches instead of one or two per tensor
-            torch._foreach_lerp_([self.shadow[k] for k in names],
-                                 [state[k].detach().to(torch.float32) for k in names], 1.0 - self.decay)
-        for k, v in state.items():
-            if v.device != self.device:  # EMA kept elsewhere (--ema-device cpu): copied over per tensor
-                self.shadow[k].lerp_(v.detach().to(device=self.device, dtype=torch.float32), 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def save_pretrained(self, directory: Path, config: dict[str, Any]) -> None:
-        """Write the EMA weights as a UNet folder (config.json + safetensors)."""
-        from pdengine.model import UNet3D
-
-        with torch.device("meta"):
-            shell = UNet3D(config)
-        shell.load_state_dict({k: v.cpu() for k, v in self.shadow.items()}, assign=True)
-        shell.save_pretrained(directory)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int) -> float:
@@ -623,10 +585,6 @@ class _Run:
         self.ema = None
         if cfg.ema is not None and ckpt is not None and not (ckpt / EMA_DIR / "config.json").is_file():
             raise TrainError(f"--ema: {ckpt} has no {EMA_DIR}/ weights (it was written without --ema)")
-        if cfg.ema is not None and self.dist.is_main:  # only rank 0 saves it: the others need no copy
-            ema_device = torch.device("cpu") if cfg.ema_device == "cpu" else self.device
-            ema_state = UNet3D.from_pretrained(ckpt / EMA_DIR).state_dict() if ckpt is not None else None
-            self.ema = EMA(unet, cfg.ema, ema_device, ema_state)
         apply_activation_checkpointing(unet, cfg.checkpointing)
         self.unet = unet  # the bare module (FSDP-sharded in place with --fsdp): saved, EMA'd, clipped
         self.model = unet  # what the forward pass calls (DDP-wrapped when distributed without --fsdp)
@@ -644,6 +602,15 @@ class _Run:
             # Image steps bypass the temporal layers: their parameters get no gradient then.
             self.model = DDP(unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                              find_unused_parameters=self.image is not None)
+        # The average of the weights: on rank 0 only with replicated weights (only it saves), on every rank
+        # under FSDP (each averages its own shards; saving gathers them).
+        if cfg.ema is not None and (self.dist.is_main or self._fsdp):
+            ema_device = torch.device("cpu") if cfg.ema_device == "cpu" else self.device
+            ema_state = UNet3D.from_pretrained(ckpt / EMA_DIR).state_dict() if ckpt is not None else None
+            try:
+                self.ema = EMA(unet, cfg.ema, ema_device, ema_state)
+            except ValueError as e:
+                raise TrainError(f"--ema: {ckpt / EMA_DIR if ckpt is not None else 'the model'}: {e}") from e
         if cfg.compile:
             # Wraps whatever the forward calls (DDP or FSDP included); video and image steps compile once each.
             self.model = torch.compile(self.model, backend=COMPILE_BACKEND, dynamic=False)
@@ -691,6 +658,12 @@ class _Run:
     def _optimizer_format(self) -> str:
         # FSDP's full optimizer state is keyed by parameter names, torch's own by parameter order.
         return "fsdp-full" if self._fsdp else "torch"
+
+    def _gather_ema(self) -> dict[str, torch.Tensor] | None:
+        """The whole EMA state on rank 0 (None elsewhere, or without --ema). Under FSDP a collective."""
+        if self.ema is None:
+            return None
+        return self.ema.full_state(self.unet, keep=self.dist.is_main)
 
     def _gather_states(self) -> tuple[dict[str, torch.Tensor] | None, dict]:
         """(full model state or None when self.unet holds it unsharded, optimizer state). With FSDP this is a
@@ -788,6 +761,8 @@ class _Run:
                 f"training does not scale the loss). Stopped without saving this state; the last good checkpoint "
                 f"is {last if last is not None else 'none (no checkpoint was written yet)'}"
             )
+        if self.ema is not None:
+            self.ema.before_weights_change()  # an asynchronous copy of the last weights must finish first
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.unet)
@@ -813,7 +788,8 @@ class _Run:
         _all_reduce(counts, self.dist, "sum")
         return {"video": int(counts[0].item()), "image": int(counts[1].item())}
 
-    def _write_model(self, folder: Path, step: int, full_state: dict[str, torch.Tensor] | None) -> None:
+    def _write_model(self, folder: Path, step: int, full_state: dict[str, torch.Tensor] | None,
+                     ema_state: dict[str, torch.Tensor] | None) -> None:
         unet = self.unet
         if full_state is not None:  # FSDP: the gathered weights in an unsharded shell
             from pdengine.model import UNet3D
@@ -823,8 +799,8 @@ class _Run:
             unet.load_state_dict(full_state, assign=True)
         write_model_folder(folder, unet, self.cfg.parts_source(), self.scheduler_config,
                            extra_index={"_training_step": step})
-        if self.ema is not None:
-            self.ema.save_pretrained(folder / EMA_DIR, self.unet_config)
+        if ema_state is not None:
+            save_ema_folder(folder / EMA_DIR, ema_state, self.unet_config)
 
     def _save(self, step: int) -> Path | None:
         rng = capture_rng(self.device)
@@ -837,10 +813,11 @@ class _Run:
             every = [rng]
         state = self._trainer_state(step)
         full_state, optimizer_state = self._gather_states()
+        ema_state = self._gather_ema()
         path = None
         if self.dist.is_main:
             def write(folder: Path) -> None:
-                self._write_model(folder, step, full_state)
+                self._write_model(folder, step, full_state, ema_state)
                 torch.save({"optimizer": optimizer_state, "optimizer_format": self._optimizer_format(),
                             "recipe_generator": self.gen.get_state(), "rng": every}, folder / STATE_PT)
                 (folder / STATE_JSON).write_text(json.dumps(state, indent=1) + "\n")
@@ -941,12 +918,16 @@ class _Run:
                 self._save(cfg.steps)  # so a later run can go on with a larger --steps
             final = None
             full_state, _ = self._gather_states()
+            ema_state = self._gather_ema()
             if self.dist.is_main:
-                final = write_final(self.out, lambda folder: self._write_model(folder, cfg.steps, full_state))
+                final = write_final(self.out,
+                                    lambda folder: self._write_model(folder, cfg.steps, full_state, ema_state))
                 self.log(f"final weights: {final}")
         finally:
             bar.close()
             metrics.close()
+            if self.ema is not None:
+                self.ema.close()
         elapsed = time.perf_counter() - t_run
         skipped = self._skipped_totals()
         reasons = {"video": self.video.skip_reasons(), "image": self.image.skip_reasons() if self.image else {}}
