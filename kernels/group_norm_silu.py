@@ -26,6 +26,8 @@ implementation gives the shapes on meta tensors.
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 import triton
 import triton.language as tl
@@ -331,7 +333,7 @@ def _(x, weight, bias, groups, eps, shift):
 
 def _backward_op_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                       shift: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
-                      groups: int) -> list[torch.Tensor]:
+                      groups: int) -> List[torch.Tensor]:
     dx, dw, db, dshift = _backward(dy, x, weight, bias, shift, mean, rstd, groups)
     empty = x.new_empty(0)
     return [dx, dw if dw is not None else empty, db if db is not None else empty,

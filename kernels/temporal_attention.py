@@ -25,6 +25,7 @@ the residual add).
 from __future__ import annotations
 
 import math
+from typing import List
 
 import torch
 import triton
@@ -772,7 +773,7 @@ def _(x, num_frames, weight, bias, groups, eps):
 
 def _group_norm_to_tokens_grads(dy: torch.Tensor, x: torch.Tensor, num_frames: int, weight: torch.Tensor | None,
                                 mean: torch.Tensor, m2: torch.Tensor, groups: int, eps: float,
-                                needs: list[bool]) -> list[torch.Tensor]:
+                                needs: List[bool]) -> List[torch.Tensor]:
     """[dx, dweight, dbias]; one that was not needed is an empty tensor."""
     grads = _group_norm_to_tokens_backward(_unit_column_stride(dy), x, num_frames, weight, mean, m2, groups, eps,
                                            tuple(needs))

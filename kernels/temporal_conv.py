@@ -72,7 +72,7 @@ import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 import torch
 import triton
@@ -1398,9 +1398,9 @@ def _unflatten_stats(flat: Sequence[torch.Tensor]) -> list[GroupNormStats]:
 # is a tensor so that a seed drawn inside a compiled region stays in the graph.
 
 
-def _block_train(x: torch.Tensor, num_frames: int, gammas: list[torch.Tensor], betas: list[torch.Tensor],
-                 weights: list[torch.Tensor], biases: list[torch.Tensor], groups: int, eps: float, dropout_p: float,
-                 seed: torch.Tensor) -> list[torch.Tensor]:
+def _block_train(x: torch.Tensor, num_frames: int, gammas: List[torch.Tensor], betas: List[torch.Tensor],
+                 weights: List[torch.Tensor], biases: List[torch.Tensor], groups: int, eps: float, dropout_p: float,
+                 seed: torch.Tensor) -> List[torch.Tensor]:
     packed = [_weight3(w, x.dtype) for w in weights]
     out, inputs, stats = _block_forward(x, num_frames, list(zip(gammas, betas)), packed, biases, groups, eps,
                                         dropout_p, int(seed), keep=True)
@@ -1420,10 +1420,10 @@ def _(x, num_frames, gammas, betas, weights, biases, groups, eps, dropout_p, see
                                                       for t in (*groups_stats, *channel_stats)]
 
 
-def _block_train_backward(dout: torch.Tensor, saved: list[torch.Tensor], gammas: list[torch.Tensor],
-                          betas: list[torch.Tensor], weights: list[torch.Tensor], biases: list[torch.Tensor],
+def _block_train_backward(dout: torch.Tensor, saved: List[torch.Tensor], gammas: List[torch.Tensor],
+                          betas: List[torch.Tensor], weights: List[torch.Tensor], biases: List[torch.Tensor],
                           num_frames: int, groups: int, dropout_p: float, seed: torch.Tensor,
-                          need_weight: list[bool], need_input: bool) -> list[torch.Tensor]:
+                          need_weight: List[bool], need_input: bool) -> List[torch.Tensor]:
     """[dx, 4 dgammas, 4 dbetas, 4 dweights, 4 dbiases]; a gradient that was not needed is an empty tensor."""
     inputs, flat = saved[:4], saved[4:]
     packed = [_weight3(w, inputs[0].dtype) for w in weights]
@@ -1570,8 +1570,8 @@ def temporal_conv_block(
     return _block_inference(x, num_frames, gammas, betas, weights, biases, groups, eps, p, seed)
 
 
-def _block_inference(x: torch.Tensor, num_frames: int, gammas: list[torch.Tensor], betas: list[torch.Tensor],
-                     weights: list[torch.Tensor], biases: list[torch.Tensor], groups: int, eps: float,
+def _block_inference(x: torch.Tensor, num_frames: int, gammas: List[torch.Tensor], betas: List[torch.Tensor],
+                     weights: List[torch.Tensor], biases: List[torch.Tensor], groups: int, eps: float,
                      dropout_p: float, seed: int) -> torch.Tensor:
     out, _, _ = _block_forward(x, num_frames, list(zip(gammas, betas)), [_weight3(w, x.dtype) for w in weights],
                                biases, groups, eps, dropout_p, seed, keep=False)

@@ -167,6 +167,7 @@ def test_fsdp2_sharded_parameters_step_their_shards(tmp_path):
     """Under FSDP2 (`pdengine train --fsdp --pure-bf16`) parameters and moments are DTensors: each rank steps
     its local shard. One gloo process: the sharded step equals the unsharded one (same seed, rank 0)."""
     import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
@@ -175,7 +176,7 @@ def test_fsdp2_sharded_parameters_step_their_shards(tmp_path):
         plain = torch.nn.Linear(16, 8).bfloat16()
         sharded = torch.nn.Linear(16, 8).bfloat16()
         sharded.load_state_dict(plain.state_dict())
-        fully_shard(sharded)
+        fully_shard(sharded, mesh=init_device_mesh("cpu", (1,)))  # the default mesh would be a GPU's, if any
         opts = [AdamWSR(m.parameters(), lr=1e-2, seed=3) for m in (plain, sharded)]
         x = torch.randn(4, 16).bfloat16()
         for model, opt in zip((plain, sharded), opts):

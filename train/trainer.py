@@ -589,13 +589,17 @@ class _Run:
         self.unet = unet  # the bare module (FSDP-sharded in place with --fsdp): saved, EMA'd, clipped
         self.model = unet  # what the forward pass calls (DDP-wrapped when distributed without --fsdp)
         if self.dist.enabled and cfg.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # The mesh names the run's device type: FSDP's default mesh takes the machine's accelerator, which
+            # would move a CPU (gloo) run's weights onto a GPU when the machine has one.
+            mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
             # One FSDP unit per module the UNet's forward calls (its blocks are not called as modules: the
             # forward walks their layers), then the root for the stem and the head.
             for unit in fsdp_units(unet):
-                fully_shard(unit)
-            fully_shard(unet)
+                fully_shard(unit, mesh=mesh)
+            fully_shard(unet, mesh=mesh)
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
