@@ -313,11 +313,55 @@ def layer_flops(model: torch.nn.Module, fn: Callable[[], Any], *,
     return flops
 
 
+_ROW_CONTEXTS: list[tuple[dict[str, Any], Callable[[dict], None] | None]] = []
+
+
+@contextlib.contextmanager
+def collecting_rows(stamp: dict[str, Any], on_row: Callable[[dict], None] | None = None) -> Iterator[None]:
+    """Inside: every `emit`ted row carries `stamp` (GPU, versions, git sha, launch table) already in its ROW
+    line, and `on_row` receives it (e.g. to rewrite the result files), so a run cut by a time limit keeps
+    complete, labelled rows."""
+    _ROW_CONTEXTS.append((stamp, on_row))
+    try:
+        yield
+    finally:
+        _ROW_CONTEXTS.pop()
+
+
 def emit(row: dict) -> dict:
     """Print one finished row at once (`ROW {json}`), so a run stopped part way still leaves what it
-    measured in its log; the JSON/CSV files are written at the end."""
+    measured in its log; inside `collecting_rows` the row is stamped first and handed on."""
+    on_row = None
+    if _ROW_CONTEXTS:
+        stamp, on_row = _ROW_CONTEXTS[-1]
+        row = {**row, **stamp}
     print("ROW " + json.dumps(row, default=str), flush=True)
+    if on_row is not None:
+        on_row(row)
     return row
+
+
+def save_rows(rows: list[dict[str, Any]], json_path: Path | None, csv_path: Path | None = None) -> None:
+    """The rows as JSON and CSV (default: beside the JSON), replaced whole (written to a temporary file, then
+    renamed: a run killed while writing leaves the previous version)."""
+    import csv
+    import io
+
+    def replace(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    if json_path is not None:
+        replace(Path(json_path), json.dumps(rows, indent=2, default=str) + "\n")
+        csv_path = csv_path or Path(json_path).with_suffix(".csv")
+    if csv_path is not None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+        replace(Path(csv_path), buf.getvalue())
 
 
 def env_info(device: str = "cpu") -> dict[str, str]:

@@ -25,17 +25,17 @@ diffusers UNet step.
 from __future__ import annotations
 
 import copy
-import csv
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import LAYER_KINDS, emit, env_info
+from .common import LAYER_KINDS, collecting_rows, emit, env_info, save_rows
 
 FRAMES, LATENT, TEXT_LEN = 16, 32, 77
+# Denoising steps of each provider's untimed first call (CUDA-graph capture, compiles, cached weights).
+WARMUP_STEPS = 3
 
 
 def _unet_config() -> dict:
@@ -54,6 +54,12 @@ def _diffusers_unet(cfg: dict, device, dtype):
 
 def unet_flops_by_kind(batch: int, frames: int = FRAMES, latent: int = LATENT, *,
                        model: str = "pdengine") -> dict[str, int]:
+    """FLOPs of one UNet forward per layer kind (`_unet_flops_by_kind`; counted once per shape and model)."""
+    return dict(_unet_flops_by_kind(batch, frames, latent, model))
+
+
+@functools.cache
+def _unet_flops_by_kind(batch: int, frames: int, latent: int, model: str) -> dict[str, int]:
     """FLOPs of one UNet forward of the pixeldance preset on (batch, 8, frames, latent, latent) per layer
     kind (`bench.common.layer_flops`: temporal conv, temporal attention, spatial ResNet, spatial attention,
     resample, other) and `total`, counted on meta tensors; `model` "pdengine" (ours) or "diffusers" (its
@@ -270,10 +276,11 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
 
     from diffusers import DDIMScheduler as DiffusersDDIM
 
-    from pdengine.engine.graph_sampler import Bucket, StaticSampler
+    from pdengine.engine.graph_sampler import Bucket, StaticSampler, compile_mode_inside_graph
     from pdengine.engine.schedulers import SD_SCHEDULE, load_scheduler
     from pdengine.kernels.fused_linear import transformer_gemm
     from pdengine.kernels.temporal_conv import conv_gemm
+    from pdengine.model.layers import clear_weight_caches
 
     from .common import nvml_fields
 
@@ -297,25 +304,29 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
         return StaticSampler(ours, sched, bucket, dev, use_graph=use_graph,
                              compile_backend="inductor" if compile_mode else None, compile_mode=compile_mode)
 
-    samplers = {"graph": static_sampler(True), "eager": static_sampler(False), "graph_cublas": static_sampler(True),
-                "graph_fused_gemm": static_sampler(True)}
-    if compiled is not None:
-        samplers["graph_compile"] = static_sampler(True, compile_mode)
+    # Each provider's sampler is built when its row starts and dropped when it ends (with its graph's memory
+    # pool), so one provider's memory never counts in another's peak.
+    samplers: dict[str, StaticSampler] = {}
+    sampler_kinds = {"graph": (True, None), "eager": (False, None), "graph_cublas": (True, None),
+                     "graph_fused_gemm": (True, None), "graph_compile": (True, compile_mode)}
 
-    def ours_run(which: str, gemm: str = "auto", transformer: str = "auto"):
+    def ours_run(which: str, gemm: str = "auto", transformer: str = "auto", n: int | None = None):
         # The temporal convs' forward GEMM is chosen when the step runs (and so when it is captured): "auto"
         # follows the GPU's launch table (`pdengine tune`), as `pdengine generate` does. Likewise the
         # transformers' GEMMs (`PDENGINE_TRANSFORMER_GEMM`; the row's env stamp says what "auto" ran).
+        if which not in samplers:
+            samplers[which] = static_sampler(*sampler_kinds[which])
         with torch.no_grad(), conv_gemm(gemm, "forward"), transformer_gemm(transformer):
             return samplers[which].run(x_t, text, uncond, ours.condition_features(c_first),
-                                       ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5)
+                                       ours.condition_features(c_last), has_last, tau=steps // 2, guidance=7.5,
+                                       steps=n)
 
-    def diffusers_run(model):
+    def diffusers_run(model, n: int | None = None):
         sched = DiffusersDDIM.from_config(SD_SCHEDULE)
         sched.set_timesteps(steps, device=dev)
         x, ctx = x_t.clone(), torch.cat([uncond, text])
         with torch.no_grad():
-            for t in sched.timesteps:
+            for t in sched.timesteps[:n]:
                 inp = torch.cat([x, c_first], dim=1)
                 eps = model(torch.cat([inp, inp]), t, encoder_hidden_states=ctx).sample
                 u, cnd = eps.chunk(2)
@@ -334,9 +345,11 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
         # Both compiled the same way (`--compile-mode`); ours inside its CUDA graph, the kernels as operators.
         settings["pdengine_graph_compile"] = ("graph_compile", "auto", "auto")
     providers = {name: functools.partial(ours_run, *setting) for name, setting in settings.items()}
-    providers["diffusers_eager"] = lambda: diffusers_run(ref)
+    providers["diffusers_eager"] = functools.partial(diffusers_run, ref)
     if compiled is not None:
-        providers["diffusers_compile"] = lambda: diffusers_run(compiled)
+        providers["diffusers_compile"] = functools.partial(diffusers_run, compiled)
+    weight_bytes = {m: sum(p.numel() * p.element_size() for p in model.parameters())
+                    for m, model in (("pdengine", ours), ("diffusers", ref))}
     rows = []
     for name in sorted(set(only or ()) - set(providers) - {"breakdown"}):  # asked for, not available
         rows.append(emit({"bench": "sample", "provider": name, "device": "cuda", "batch": b, "steps": steps,
@@ -350,26 +363,40 @@ def _gpu_batch_rows(b: int, steps: int, cfg: dict, ours, ref, compiled, peaks, c
             row["provider_conv_gemm"], row["provider_transformer_gemm"] = settings[name][1:]
         if name.endswith("_compile"):
             # Ours runs inside its own CUDA graph: a mode with Inductor graphs runs without them (StaticSampler).
-            row["compile_mode"] = samplers["graph_compile"].compile_mode if name.startswith("pdengine") else compile_mode
+            row["compile_mode"] = (compile_mode_inside_graph(compile_mode) if name.startswith("pdengine")
+                                   else compile_mode)
+        model = "diffusers" if name.startswith("diffusers") else "pdengine"
         try:
+            # Memory from the weights alone: no other provider's sampler or graph pool, no derived-weight
+            # copies (ours rebuilds its packed and folded weights inside this row, where they count).
+            samplers.clear()
+            clear_weight_caches(ours)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            fn()  # first call: capture / compile / warm-up, reported apart
+            fn(n=WARMUP_STEPS)  # capture / compile / caches on a few steps: reported apart, not timed
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
             t0 = time.perf_counter()
             fn()
             torch.cuda.synchronize()
             sec = time.perf_counter() - t0
-            work = flops["diffusers" if name.startswith("diffusers") else "pdengine"]
+            work = flops[model]
+            # This provider's peak: its own model's weights plus what it allocated (the other model's weights,
+            # resident meanwhile, left out).
+            peak = torch.cuda.max_memory_allocated() - base + weight_bytes[model]
             row.update({
                 "status": "ok", "seconds_per_video": sec / b, "videos_per_s": b / sec,
-                "first_call_overhead_s": max(0.0, first - sec), "unet_tflops": work / sec / 1e12,
-                "mfu": work / sec / 1e12 / peaks["peak_tflops"],
-                "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, **nvml_fields(0),
+                "first_call_overhead_s": max(0.0, first - sec * WARMUP_STEPS / steps),
+                "unet_tflops": work / sec / 1e12, "mfu": work / sec / 1e12 / peaks["peak_tflops"],
+                "peak_memory_gib": peak / 2**30, **nvml_fields(0),
             })
         except Exception as e:  # a failing provider is an explicit row, never a missing one
             row["status"] = f"error: {type(e).__name__}: {e}"[:500]
+        finally:
+            samplers.clear()
         rows.append(emit(row))
     if only is None or "breakdown" in only:
         rows += _breakdown_rows(b, ours, ref, x_t, c_first, text, uncond)
@@ -464,17 +491,15 @@ def run_sample_bench(device: str, json_path: Path | None = None, csv_path: Path 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for the proxies")
     batches = batches or [1, 8, 16]
-    rows = _gpu_rows(batches, steps, compile_mode, providers) if device == "cuda" else _cpu_rows(batches, steps)
     stamp = env_info(device)
+    done: list[dict] = []
+
+    def keep(row: dict) -> None:  # each finished GPU row goes to the files at once: a cut run keeps it
+        done.append(row)
+        save_rows(done, json_path, csv_path)
+
+    with collecting_rows(stamp, keep):
+        rows = _gpu_rows(batches, steps, compile_mode, providers) if device == "cuda" else _cpu_rows(batches, steps)
     rows = [{**r, **stamp} for r in rows]
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
-        csv_path = csv_path or json_path.with_suffix(".csv")
-    if csv_path is not None:
-        keys = sorted({k for r in rows for k in r})
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+    save_rows(rows, json_path, csv_path)
     return rows

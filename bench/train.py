@@ -14,14 +14,12 @@ for the reference model; and parameter / gradient / optimizer-state bytes of eac
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .common import emit, env_info
+from .common import collecting_rows, emit, env_info, save_rows
 
 FRAMES, LATENT, TEXT_LEN = 16, 32, 77
 POLICIES = ("none", "attention", "full")
@@ -216,17 +214,15 @@ def run_train_bench(device: str, json_path: Path | None = None, csv_path: Path |
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device; use device='cpu' for the proxies")
     chosen = tuple(providers) if providers else TRAIN_PROVIDERS
-    rows = _gpu_rows(preset, batches or [1, 2, 4], steps, chosen) if device == "cuda" else _cpu_rows(preset)
     stamp = env_info(device)
+    done: list[dict] = []
+
+    def keep(row: dict) -> None:  # each finished GPU row goes to the files at once: a cut run keeps it
+        done.append(row)
+        save_rows(done, json_path, csv_path)
+
+    with collecting_rows(stamp, keep):
+        rows = _gpu_rows(preset, batches or [1, 2, 4], steps, chosen) if device == "cuda" else _cpu_rows(preset)
     rows = [{**r, **stamp} for r in rows]
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
-        csv_path = csv_path or json_path.with_suffix(".csv")
-    if csv_path is not None:
-        keys = sorted({k for r in rows for k in r})
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+    save_rows(rows, json_path, csv_path)
     return rows

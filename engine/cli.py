@@ -239,7 +239,9 @@ def tune(quick, out_path, json_path):
         click.echo(f"transformer GEMMs: not measured ({gemm['error']}): cublas")
     elif gemm:
         click.echo(f"transformer GEMMs: {gemm['choice']} (one UNet call: cuBLAS {gemm['cublas_ms']:.2f} ms, fused "
-                   f"{gemm['fused_ms']:.2f} ms, outputs differ by {gemm['rel_diff']:.2e} relative)")
+                   f"{gemm['fused_ms']:.2f} ms, outputs differ by {gemm['rel_diff']:.2e} relative"
+                   + (f"; error against fp32: cuBLAS {gemm['err_cublas']:.2e}, fused {gemm['err_fused']:.2e}"
+                      if "err_fused" in gemm else "") + ")")
         for level, (cublas_ms, fused_ms) in sorted(gemm.get("level_ms", {}).items()):
             click.echo(f"  {level}: {gemm['levels'][level]} (cuBLAS {cublas_ms:.3f} ms, fused {fused_ms:.3f} ms)")
     bad = sum(r["status"] != "ok" for r in rows)

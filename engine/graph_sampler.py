@@ -148,15 +148,16 @@ class StaticSampler:
     def run(self, latents: torch.Tensor, text: torch.Tensor, uncond: torch.Tensor | None,
             feat_first: torch.Tensor, feat_last: torch.Tensor, has_last: torch.Tensor, *, tau: int,
             guidance: float, step_noise: Callable[[int], torch.Tensor] | None = None,
-            on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+            on_step: Callable[[int], None] | None = None, steps: int | None = None) -> torch.Tensor:
         """Denoise `latents` (x_T); the same contract as `engine.pipeline.denoise` with cached
-        conditioning. Returns a fresh tensor (the buffers are reused by the next call)."""
+        conditioning. Returns a fresh tensor (the buffers are reused by the next call). `steps` stops after
+        the first that many steps (a warm-up: capture, compiles and caches without the whole schedule)."""
         with self._device_context():
             return self._run(latents, text, uncond, feat_first, feat_last, has_last, tau=tau, guidance=guidance,
-                             step_noise=step_noise, on_step=on_step)
+                             step_noise=step_noise, on_step=on_step, steps=steps)
 
     def _run(self, latents, text, uncond, feat_first, feat_last, has_last, *, tau, guidance, step_noise,
-             on_step) -> torch.Tensor:
+             on_step, steps) -> torch.Tensor:
         if self.use_graph and self.graph is None:
             self.context.copy_(torch.cat([uncond, text]) if self.bucket.cfg else text)
             self.feat_first.copy_(feat_first)
@@ -170,7 +171,7 @@ class StaticSampler:
         self.tau.fill_(tau)
         self.guidance.fill_(guidance)
         self.step_index.zero_()
-        for i in range(self.bucket.steps):
+        for i in range(self.bucket.steps if steps is None else min(steps, self.bucket.steps)):
             if self.stochastic:
                 if step_noise is None:
                     raise ValueError("a stochastic sampler needs step_noise")

@@ -360,8 +360,9 @@ def _attn_config(f_pad: int, d_pad: int, dtype: torch.dtype, backward: bool) -> 
     compile-checkable). About 8K elements per (BLOCK_P, F_PAD, D_PAD) tile in 16-bit types, 4K in fp32;
     the backward holds about twice the live tiles of the forward, so it gets 8 warps for the same tile
     (2K elements in fp32: with 4K, Triton 3.6 spilled 72 bytes on sm80). At these sizes no 16-bit launch
-    spills (compile_specs: 80-175 registers); fp32 at F_PAD = 64 still spills a few hundred bytes in the
-    backward (not a pixeldance launch)."""
+    spills (compile_specs: 80-175 registers). At F_PAD = 64 (not a pixeldance launch) Triton 3.9 compiles
+    every dtype without spills; 3.4-3.8 spill in the bf16 kernels (up to 26 KB in the backward at head dim
+    128): slower there, still correct."""
     fp32 = dtype == torch.float32
     block_p = max(1, ((2048 if backward else 4096) if fp32 else 8192) // (f_pad * d_pad))
     num_warps = 8 if backward or fp32 else 4

@@ -151,6 +151,22 @@ def _norm_proj_in(module: nn.Module, x: torch.Tensor, num_frames: int, fused: bo
     return proj(t), None
 
 
+# The attributes where inference keeps tensors derived from the weights (packed or folded copies).
+WEIGHT_CACHES = ("_gn_fold_cache", "_packed_qkv", "_fold_cache")
+
+
+def clear_weight_caches(model: nn.Module) -> int:
+    """Drop every derived-weight copy kept for inference (they are rebuilt on the next call); returns how
+    many were dropped. Memory measurements use it to start each configuration from the weights alone."""
+    dropped = 0
+    for module in model.modules():
+        for name in WEIGHT_CACHES:
+            if getattr(module, name, None) is not None:
+                setattr(module, name, None)
+                dropped += 1
+    return dropped
+
+
 def _folded_group_norm(module: nn.Module) -> Any:
     """The transformer's GroupNorm affine folded into its proj_in (`fused_linear.fold_layer_norm`: W * gamma,
     b + W @ beta), once per weight version, device and dtype."""

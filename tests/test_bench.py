@@ -224,6 +224,30 @@ def test_outputs_are_fresh_files(tmp_path):
     assert (tmp_path / "x.svg").is_file()
 
 
+def test_rows_are_stamped_and_saved_as_they_finish(tmp_path, capsys):
+    """Inside `collecting_rows` each emitted row carries the stamp in its ROW line and reaches the sink, which
+    rewrites the files: a run cut after the first row leaves that row, labelled, in JSON and CSV."""
+    from pdengine.bench.common import collecting_rows, emit, save_rows
+
+    done: list[dict] = []
+
+    def keep(row):
+        done.append(row)
+        save_rows(done, tmp_path / "r.json")
+
+    with collecting_rows({"gpu": "g", "git_sha": "abc"}, keep):
+        emit({"provider": "a", "seconds": 1.0})
+        assert json.loads((tmp_path / "r.json").read_text()) == [{"provider": "a", "seconds": 1.0, "gpu": "g",
+                                                                   "git_sha": "abc"}]
+        emit({"provider": "b", "status": "error: x"})
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("ROW ") and json.loads(line[4:])["git_sha"] == "abc"
+    with (tmp_path / "r.csv").open() as fh:
+        assert [r["provider"] for r in csv.DictReader(fh)] == ["a", "b"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert emit({"provider": "c"}) == {"provider": "c"}  # outside: printed as it is, no sink
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="device"):
         K.run_kernel_bench("tpu", None, None, None, True)

@@ -300,15 +300,13 @@ def test_tune_writes_the_table_level_by_level(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU")
     monkeypatch.setattr(CC, "env_info", lambda device: {"torch": "t", "triton": "3.6.0", "git_sha": "abc",
                                                         "timestamp": "now", "gpu": "Fake GPU"})
-    levels_done = []
-
-    def fake_sweep(device, levels, quick):
+    def fake_sweep(device, levels, quick, kinds, videos):
         ((c, side),) = levels
-        if len(levels_done) == 2:
+        assert videos == CC.TUNE_VIDEOS[kinds[0]]  # the forward at the sampler's batch, the backward at training's
+        if (c, side) == CC.LEVELS[2]:
             raise KeyboardInterrupt  # the run is cut during the third level
-        levels_done.append(c)
-        return [_row(k, "cublas", 1.0, c=c, hw=side * side) for k in CC.KINDS] + \
-            [_row("fwd", TILE, 2.0, default=True, c=c, hw=side * side)]
+        return [_row(k, "cublas", 1.0, c=c, hw=side * side) for k in kinds] + \
+            [_row("fwd", TILE, 2.0, default=True, c=c, hw=side * side) for k in kinds if k == "fwd"]
 
     monkeypatch.setattr(CC, "sweep", fake_sweep)
     record = {"choice": "fused", "cublas_ms": 3.0, "fused_ms": 2.0, "rel_diff": 1e-3, "videos": 1}
@@ -319,9 +317,8 @@ def test_tune_writes_the_table_level_by_level(monkeypatch, tmp_path):
     assert saved.device == "Fake GPU" and saved.meta["triton"] == "3.6.0"
     assert saved.transformer_gemm == record  # measured first, kept with every level's write
     assert {k[2:] for k in saved.entries} == {(320, 320, 1024), (640, 640, 256)}
-    levels_done.clear()
-    monkeypatch.setattr(CC, "sweep", lambda device, levels, quick: [
-        _row(k, "cublas", 1.0, c=levels[0][0], hw=levels[0][1] ** 2) for k in CC.KINDS])
+    monkeypatch.setattr(CC, "sweep", lambda device, levels, quick, kinds, videos: [
+        _row(k, "cublas", 1.0, c=levels[0][0], hw=levels[0][1] ** 2) for k in kinds])
     out = tmp_path / "t.json"
     res = CliRunner().invoke(main, ["tune", "--quick", "--out", str(out)])
     assert res.exit_code == 0, res.output
@@ -339,7 +336,7 @@ def test_tune_writes_the_table_level_by_level(monkeypatch, tmp_path):
 
     # Cut during the first level of the sweep: the transformer record is kept where the caller asked (the
     # table given by --out, and the rows file); the user's own table is left as it was.
-    def cut(device, levels, quick):
+    def cut(device, levels, quick, kinds, videos):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(CC, "measure_transformer_gemm", lambda device: record)
